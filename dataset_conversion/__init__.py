@@ -1,0 +1,1 @@
+"""Dataset converters (BTCV, MSD, unlabeled folders incl. DICOM) and the synthetic phantom generator."""

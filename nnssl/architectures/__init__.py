@@ -1,0 +1,9 @@
+"""Architectures: one module per network, each registering an :class:`ArchitectureSpec`.
+
+Importing this package fills :data:`ARCHITECTURES`. To add an architecture, write a module
+here that defines the network and calls ``register_architecture``, add its planner to
+``planning/``, and import the module below; every registered architecture automatically
+gets the forward and pretraining tests in ``tests/``.
+"""
+from nnssl.architectures.spec import ARCHITECTURES, ArchitectureSpec, register_architecture  # noqa: F401
+from nnssl.architectures import nnunet_unets  # noqa: F401

@@ -1,0 +1,1 @@
+"""Shared network blocks (window attention, large-kernel attention, patch merge/expand)."""

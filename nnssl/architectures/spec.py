@@ -1,0 +1,58 @@
+"""What nnssl needs to know about an architecture, and the registry of them.
+
+An architecture is a network class that nnU-Net can build from a plans file, plus the
+planner that writes that plans file and the trainer that fine-tunes it. The plans'
+``architecture`` block (``network_class_name`` + ``arch_kwargs``) is what actually builds
+the network, for pretraining and fine-tuning alike, so the two cannot drift apart.
+
+Network contract (what SSL methods and weight injection rely on), the same as nnU-Net's
+``PlainConvUNet``:
+
+- constructor ``cls(input_channels, num_classes, deep_supervision=..., **arch_kwargs)``;
+- ``network.encoder`` (its parameters are the ``encoder`` transferable part) and
+  ``network.decoder`` with ``decoder.deep_supervision`` (nnU-Net toggles it) and the output
+  convolutions in ``decoder.seg_layers`` (never transferred: nnU-Net's own
+  ``-pretrained_weights`` loader skips keys containing ``.seg_layers.`` too);
+- ``forward(x: [B, C, X, Y, Z])`` returns ``[B, num_classes, X, Y, Z]``, or a list of
+  outputs from full resolution down when deep supervision is on;
+- ``compute_conv_feature_map_size(patch_size)`` for the planner's memory estimate.
+"""
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict
+
+from nnssl.registry import Registry
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    name: str  # CLI name, e.g. "pct_net"
+    planner: str  # dotted path of the nnU-Net ExperimentPlanner subclass that plans it
+    plans_name: str  # plans file name without .json, e.g. "nnsslPCTNetPlans"
+    trainer: str  # class name of the fine-tuning nnUNetTrainer subclass
+    description: str
+    # Size presets for tests and the demo ("tiny"): planner attribute overrides. The paper
+    # sizes are always the default; a preset is only used when asked for.
+    presets: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+    def planner_class(self):
+        module, _, cls = self.planner.rpartition(".")
+        return getattr(importlib.import_module(module), cls)
+
+
+ARCHITECTURES: Registry[ArchitectureSpec] = Registry("architecture", "-a")
+
+
+def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
+    ARCHITECTURES.add(spec.name, spec)
+    return spec
+
+
+def architecture_for_plans(plans_name: str) -> ArchitectureSpec:
+    """The architecture whose planner writes ``plans_name`` (used to find trainers/presets again)."""
+    for _, spec in ARCHITECTURES.items():
+        if spec.plans_name == plans_name:
+            return spec
+    from nnssl.errors import NnsslError
+    raise NnsslError(f"No nnssl architecture writes plans '{plans_name}'. Known: "
+                     f"{', '.join(s.plans_name for _, s in ARCHITECTURES.items())}.")

@@ -1,0 +1,68 @@
+"""The interface every SSL method implements.
+
+A method is three things (the lightly/MAE pattern):
+
+1. ``make_batch(cfg, images, rng)`` -- a pure function, run in the data-loading worker
+   processes, that turns a batch of cropped, normalized image patches into the network
+   inputs and the targets. All randomness comes from the ``numpy.random.Generator`` it is
+   given (the engine derives it from seed, rank and iteration, which is what makes resumed
+   runs bit-identical). The heavy lifting lives in ``nnssl/transforms/`` as functions
+   ``f(x, ..., rng) -> (x_out, aux)`` that can be tested without a network.
+2. heads: ``nn.Module`` attributes of the method object (never of the network, so the
+   checkpoint's ``network_weights`` hold the segmentation network only);
+3. ``forward_loss(network, batch)`` -- runs the network (and heads) and returns a dict of
+   named loss terms plus ``"loss"``, their weighted sum, which the engine backpropagates.
+
+Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
+overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
+"""
+from typing import ClassVar, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnssl.registry import Registry
+
+
+class SSLMethod(nn.Module):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    # Which parts of the network are meaningful to transfer: "encoder" or "encoder+decoder".
+    transfer: ClassVar[str] = "encoder+decoder"
+    # Smallest batch the method can work with (Volume Fusion fuses sample i with i+1: 2).
+    min_batch_size: ClassVar[int] = 1
+
+    def __init__(self, cfg, network: nn.Module, patch_size: Sequence[int], num_input_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.num_input_channels = num_input_channels
+
+    # --- class-level hooks: needed before the network exists, or inside worker processes ---
+    @classmethod
+    def network_output_channels(cls, cfg) -> int:
+        """Number of output channels the segmentation network is built with during pretraining."""
+        return 1
+
+    @classmethod
+    def crop_size(cls, cfg, planned_patch_size: Sequence[int]) -> Tuple[int, ...]:
+        """Size of the random crops the loader produces (default: the planned patch size)."""
+        return tuple(int(p) for p in planned_patch_size)
+
+    @classmethod
+    def make_batch(cls, cfg, images: np.ndarray, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+        """images: [B, C, X, Y, Z] float32 normalized crops -> dict of tensors (inputs and targets)."""
+        raise NotImplementedError
+
+    @classmethod
+    def preview(cls, cfg, batch: Dict[str, torch.Tensor]) -> List[Tuple[str, np.ndarray]]:
+        """Volumes [X, Y, Z] of sample 0 to show in ``nnssl_show_pretext``: (title, volume)."""
+        raise NotImplementedError
+
+    # --- runs in the training process ---
+    def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+METHODS: Registry[type] = Registry("SSL method", "-m")

@@ -1,0 +1,1 @@
+"""nnU-Net glue: the pretraining engine, fine-tuning trainers, weight injection."""

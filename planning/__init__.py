@@ -1,0 +1,1 @@
+"""Planners (one per architecture) and preprocessing of labeled and pretraining data."""

@@ -1,0 +1,51 @@
+from setuptools import setup
+
+# `planning/` and `dataset_conversion/` live at the top level of the repository but install as
+# `nnssl.planning` and `nnssl.dataset_conversion`, so nothing generic lands in site-packages.
+PACKAGES = [
+    "nnssl",
+    "nnssl.cli",
+    "nnssl.architectures",
+    "nnssl.architectures.blocks",
+    "nnssl.transforms",
+    "nnssl.ssl",
+    "nnssl.training",
+    "nnssl.planning",
+    "nnssl.dataset_conversion",
+]
+
+COMMANDS = {
+    "nnssl_synthetic": "synthetic",
+    "nnssl_convert_btcv": "convert_btcv",
+    "nnssl_convert_msd": "convert_msd",
+    "nnssl_convert_unlabeled": "convert_unlabeled",
+    "nnssl_plan_and_preprocess": "plan_and_preprocess",
+    "nnssl_pretrain": "pretrain",
+    "nnssl_show_pretext": "show_pretext",
+    "nnssl_demo": "demo",
+}
+
+setup(
+    name="nnssl",
+    version="0.1.0",
+    description="Self-supervised pretraining for 3D medical image segmentation on top of nnU-Net v2",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={
+        "nnssl.planning": "planning",
+        "nnssl.dataset_conversion": "dataset_conversion",
+    },
+    install_requires=[
+        "torch>=2.1",
+        "nnunetv2>=2.6",
+        "SimpleITK>=2.2",
+        "numpy",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [f"{cmd} = nnssl.cli.{mod}:main" for cmd, mod in COMMANDS.items()]
+    },
+)

@@ -1,0 +1,79 @@
+"""Shared fixtures: an isolated nnU-Net folder tree per test and tiny datasets."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+# Validation export and preprocessing are faster with one process on 2 cores.
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+os.environ.setdefault("nnUNet_n_proc_DA", "0")
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """Point nnU-Net's three folder variables at fresh folders under tmp_path."""
+    env = {}
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        p = tmp_path / sub
+        p.mkdir()
+        monkeypatch.setenv(var, str(p))
+        env[var] = str(p)
+    return env
+
+
+def write_image(path, arr, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None):
+    """arr: [Z, Y, X] numpy array (SimpleITK order); spacing/origin in (x, y, z)."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    if direction is not None:
+        img.SetDirection(tuple(float(d) for d in direction))
+    sitk.WriteImage(img, str(path))
+
+
+def make_blob_case(rng, shape=(24, 40, 40), n_labels=2):
+    """A CT-like volume [Z, Y, X] (int16 HU) with n_labels spherical organs and the label map."""
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    image = np.full(shape, -1000, np.int16)
+    body = ((yy - shape[1] / 2) ** 2 + (xx - shape[2] / 2) ** 2) < (0.45 * min(shape[1:])) ** 2
+    image[body] = 40
+    label = np.zeros(shape, np.uint8)
+    for lab in range(1, n_labels + 1):
+        c = [rng.uniform(0.3, 0.7) * s for s in shape]
+        r = rng.uniform(0.12, 0.2) * min(shape)
+        m = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < r ** 2
+        label[m] = lab
+        image[m] = 60 + 80 * lab
+    image = (image + rng.normal(0, 10, shape)).astype(np.int16)
+    return image, label
+
+
+def write_raw_dataset(raw_root, name="Dataset001_Blobs", n_train=4, n_test=1, n_labels=2, seed=0,
+                      shape=(24, 40, 40), spacing=(0.8, 0.8, 3.0)):
+    """A tiny labeled dataset in nnU-Net raw format (CT channel), written directly."""
+    rng = np.random.default_rng(seed)
+    root = os.path.join(raw_root, name)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i in range(n_train + n_test):
+        img, lab = make_blob_case(rng, shape, n_labels)
+        sp = (spacing[0] * rng.uniform(0.9, 1.1), spacing[1] * rng.uniform(0.9, 1.1), spacing[2])
+        case = f"case_{i:03d}"
+        if i < n_train:
+            write_image(os.path.join(root, "imagesTr", case + "_0000.nii.gz"), img, sp)
+            write_image(os.path.join(root, "labelsTr", case + ".nii.gz"), lab, sp)
+        else:
+            write_image(os.path.join(root, "imagesTs", case + "_0000.nii.gz"), img, sp)
+    labels = {"background": 0, **{f"organ{k}": k for k in range(1, n_labels + 1)}}
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump({"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_train,
+                   "file_ending": ".nii.gz"}, f, indent=2)
+    return root
+
+
+@pytest.fixture
+def blob_dataset(nnunet_env):
+    """Dataset001_Blobs (4 train, 1 test) in a fresh nnU-Net tree; returns the raw folder."""
+    return write_raw_dataset(nnunet_env["nnUNet_raw"])

@@ -1,0 +1,38 @@
+"""Atomic file writing: outputs appear under their final name only when complete.
+
+An interrupted command therefore never leaves a half-written file that a later run would
+mistake for a finished one; rerunning the command redoes exactly the missing outputs.
+"""
+import contextlib
+import json
+import os
+import uuid
+from typing import Iterator
+
+
+def temp_name(final_path: str) -> str:
+    """A hidden temporary name in the same folder that keeps the file's extension(s)
+    (readers such as SimpleITK choose the format from it)."""
+    folder, base = os.path.split(final_path)
+    stem, dot, ext = base.partition(".")
+    return os.path.join(folder, f".tmp-{uuid.uuid4().hex[:8]}-{stem}{dot}{ext}")
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: str) -> Iterator[str]:
+    """``with atomic_path(p) as tmp: write(tmp)`` -- renamed to ``p`` only if the block succeeds."""
+    os.makedirs(os.path.dirname(os.path.abspath(final_path)), exist_ok=True)
+    tmp = temp_name(final_path)
+    try:
+        yield tmp
+        os.replace(tmp, final_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, final_path: str) -> None:
+    with atomic_path(final_path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")

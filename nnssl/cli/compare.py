@@ -1,0 +1,38 @@
+"""nnssl_compare: a side-by-side report (markdown, CSV, plot) of evaluated runs."""
+import argparse
+import sys
+
+from nnssl.cli._common import run_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnssl_compare",
+        description="Compare evaluated runs, e.g. fine-tuning from scratch versus from each pretraining. "
+                    "Writes REPORT.md (a table of mean Dice/HD95/ASSD ± std per run and a per-class Dice "
+                    "table), REPORT.csv (the same numbers, one row per run and class plus a mean row) and "
+                    "REPORT.png (bar charts), and prints the tables. Rows keep the order of the arguments.")
+    p.add_argument("result_folders", nargs="+", metavar="RESULT_FOLDER",
+                   help="a folder holding a summary.json written by nnssl_evaluate (or the summary.json "
+                        "itself). An nnssl_run.json beside it with label/architecture/method/pretraining_data "
+                        "names the run; otherwise the folder name is used and the other fields read 'unknown'")
+    p.add_argument("-o", required=True, metavar="REPORT",
+                   help="output path without extension, e.g. results/comparison -> results/comparison.md, "
+                        ".csv and .png (written atomically)")
+    return p
+
+
+def _run(args) -> None:
+    from nnssl.evaluation.compare import compare_runs
+
+    out = compare_runs(args.result_folders, args.o)
+    print(out["markdown"])
+    print(f"Wrote {out['md']}, {out['csv']} and {out['png']}")
+
+
+def main(argv=None):
+    sys.exit(run_command(build_parser(), _run, argv))
+
+
+if __name__ == "__main__":
+    main()

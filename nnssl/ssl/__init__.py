@@ -5,3 +5,5 @@ To add a method, write a module here with a config dataclass (paper defaults) an
 below; the registry-driven tests then run it on every architecture.
 """
 from nnssl.ssl.base import METHODS, SSLMethod  # noqa: F401
+from nnssl.ssl import volume_fusion  # noqa: F401
+from nnssl.ssl import masked_kmeans  # noqa: F401

@@ -8,3 +8,5 @@ gets the forward and pretraining tests in ``tests/``.
 from nnssl.architectures.spec import ARCHITECTURES, ArchitectureSpec, register_architecture  # noqa: F401
 from nnssl.architectures import nnunet_unets  # noqa: F401
 from nnssl.architectures import pct_net  # noqa: F401
+from nnssl.architectures import ulkanet  # noqa: F401
+from nnssl.architectures import logonet  # noqa: F401

@@ -77,3 +77,53 @@ def write_raw_dataset(raw_root, name="Dataset001_Blobs", n_train=4, n_test=1, n_
 def blob_dataset(nnunet_env):
     """Dataset001_Blobs (4 train, 1 test) in a fresh nnU-Net tree; returns the raw folder."""
     return write_raw_dataset(nnunet_env["nnUNet_raw"])
+
+
+@pytest.fixture(scope="session")
+def pretrain_tree(tmp_path_factory):
+    """Dataset001_Blobs (2 train + 1 test case of 16x32x32 voxels) planned once per session with every
+    registered architecture (``--preset tiny``) and preprocessed with its in-task pretraining data.
+
+    Shared and read-only. Architectures whose planner cannot be imported are left out and listed in
+    ``missing_planners`` ({name: reason}) so tests can skip them explicitly.
+    """
+    from nnssl.architectures import ARCHITECTURES
+    from nnssl.planning.api import plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("pretrain_tree")
+    tree = {var: str(root / sub) for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
+                                                  ("nnUNet_results", "results"))}
+    planned, missing = [], {}
+    for name, spec in ARCHITECTURES.items():
+        try:
+            spec.planner_class()
+            planned.append(name)
+        except (ImportError, AttributeError) as e:
+            missing[name] = f"{type(e).__name__}: {e}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var, folder in tree.items():
+            os.makedirs(folder)
+            mp.setenv(var, folder)
+        # nnU-Net's VRAM estimate calls torch.set_num_threads(n_proc_DA), which is 0 above.
+        mp.setenv("nnUNet_n_proc_DA", "1")
+        write_raw_dataset(tree["nnUNet_raw"], n_train=2, n_test=1, shape=(16, 32, 32))
+        plan_and_preprocess("Dataset001_Blobs", architectures=planned, pretraining=["intask"], preset="tiny",
+                            num_processes=1, show_progress=False)
+    return {**tree, "dataset": "Dataset001_Blobs", "architectures": planned, "missing_planners": missing}
+
+
+@pytest.fixture
+def pretrain_env(pretrain_tree, tmp_path, monkeypatch):
+    """nnU-Net variables on the shared ``pretrain_tree`` data, with a fresh results folder per test;
+    torch runs single-threaded meanwhile (faster than two threads on the shared 2 cores)."""
+    import torch
+
+    monkeypatch.setenv("nnUNet_raw", pretrain_tree["nnUNet_raw"])
+    monkeypatch.setenv("nnUNet_preprocessed", pretrain_tree["nnUNet_preprocessed"])
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setenv("nnUNet_results", str(results))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {**pretrain_tree, "nnUNet_results": str(results)}
+    torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ A method is three things (the lightly/MAE pattern):
 Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
 overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
 """
-from typing import ClassVar, Dict, List, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,8 +51,21 @@ class SSLMethod(nn.Module):
         return tuple(int(p) for p in planned_patch_size)
 
     @classmethod
-    def make_batch(cls, cfg, images: np.ndarray, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
-        """images: [B, C, X, Y, Z] float32 normalized crops -> dict of tensors (inputs and targets)."""
+    def prepare(cls, cfg, data_folder: str, identifiers: List[str], seed: int):
+        """Once per run, in the main process (rank 0 under DDP) before the loader workers start:
+        precompute what ``make_batch`` needs (e.g. masked_kmeans' pseudo-label cache) and return the
+        config to use (a ``dataclasses.replace`` copy when it changes). Default: ``cfg`` unchanged."""
+        return cfg
+
+    @classmethod
+    def make_batch(cls, cfg, images: np.ndarray, rng: np.random.Generator,
+                   meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+        """images: [B, C, X, Y, Z] float32 normalized crops -> dict of tensors (inputs and targets).
+
+        meta: ``{"keys": [case identifier per sample], "boxes": [per sample [[lo, hi] per spatial
+        axis] in the preprocessed volume's voxel coordinates, beyond the volume where padded]}``;
+        methods that do not need it ignore it.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -63,6 +76,10 @@ class SSLMethod(nn.Module):
     # --- runs in the training process ---
     def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self, iteration: int, total_iterations: int) -> None:
+        """Called by the engine after every optimizer step (e.g. to update an EMA target network,
+        BYOL's momentum encoder). Default: nothing."""
 
 
 METHODS: Registry[type] = Registry("SSL method", "-m")

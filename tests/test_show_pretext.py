@@ -8,7 +8,7 @@ import pytest
 import nnssl.ssl  # noqa: F401
 from nnssl.cli.show_pretext import main
 from nnssl.ssl.base import METHODS
-from nnssl.training.pretrain_data import PretrainLoader, call_with_meta
+from nnssl.training.pretrain_data import PretrainLoader
 from nnssl.training.pretrain_setup import prepare, prepare_method
 
 DS = "Dataset001_Blobs"
@@ -19,8 +19,8 @@ def expected_panels(method: str) -> int:
     s = prepare_method(prepare(DS, method), seed=0)
     images, meta, rng = PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, 0).images(0)
     if hasattr(s.method_cls, "preview_from_images"):
-        return len(call_with_meta(s.method_cls.preview_from_images, s.cfg, images, rng, meta=meta))
-    return len(s.method_cls.preview(s.cfg, call_with_meta(s.method_cls.make_batch, s.cfg, images, rng, meta=meta)))
+        return len(s.method_cls.preview_from_images(s.cfg, images, rng, meta=meta))
+    return len(s.method_cls.preview(s.cfg, s.method_cls.make_batch(s.cfg, images, rng, meta=meta)))
 
 
 @pytest.mark.parametrize("method", METHODS.names())

@@ -7,7 +7,7 @@ output layer is replaced at fine-tuning. The fusion itself lives in
 :mod:`nnssl.transforms.volume_fusion`.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,8 +87,9 @@ class VolumeFusion(SSLMethod):
         return cfg.K + 1
 
     @classmethod
-    def make_batch(cls, cfg: VolumeFusionConfig, images: np.ndarray, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
-        """images: [B, C, D, H, W] float32 normalized crops, B >= 2 -> {"data", "target"}."""
+    def make_batch(cls, cfg: VolumeFusionConfig, images: np.ndarray, rng: np.random.Generator,
+                   meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+        """images: [B, C, D, H, W] float32 normalized crops, B >= 2 -> {"data", "target"} (meta unused)."""
         if images.ndim != 5:
             raise NnsslError(f"volume_fusion works on 3D crops [B, C, D, H, W]; got an array of shape "
                              f"{tuple(images.shape)}. Use a 3d configuration (e.g. -c 3d_fullres).")
@@ -102,8 +103,8 @@ class VolumeFusion(SSLMethod):
                 ("label map (k = α·K)", batch["target"][0, 0].detach().cpu().numpy())]
 
     @classmethod
-    def preview_from_images(cls, cfg: VolumeFusionConfig, images: np.ndarray,
-                            rng: np.random.Generator) -> List[Tuple[str, np.ndarray]]:
+    def preview_from_images(cls, cfg: VolumeFusionConfig, images: np.ndarray, rng: np.random.Generator,
+                            meta: Optional[dict] = None) -> List[Tuple[str, np.ndarray]]:
         """Like :meth:`preview` but from the raw crops [B, C, D, H, W], so the mosaic can also show
         the background (sample 0) and foreground (sample 1) that were fused; same draws as
         :meth:`make_batch` for the same rng state."""

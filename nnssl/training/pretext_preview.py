@@ -7,7 +7,7 @@ import os
 from typing import Sequence
 
 from nnssl.errors import NnsslError
-from nnssl.training.pretrain_data import PretrainLoader, call_with_meta
+from nnssl.training.pretrain_data import PretrainLoader
 from nnssl.training.pretrain_setup import prepare, prepare_method
 from nnssl.training.progress import save_pretext_mosaic
 
@@ -23,9 +23,9 @@ def show_pretext(dataset, method: str, output_file: str, architecture: str = "pl
     loader = PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, seed)
     images, meta, rng = loader.images(iteration)  # images: [B, C, D, H, W]
     if hasattr(s.method_cls, "preview_from_images"):
-        panels = call_with_meta(s.method_cls.preview_from_images, s.cfg, images, rng, meta=meta)
+        panels = s.method_cls.preview_from_images(s.cfg, images, rng, meta=meta)
     else:
-        panels = s.method_cls.preview(s.cfg, call_with_meta(s.method_cls.make_batch, s.cfg, images, rng, meta=meta))
+        panels = s.method_cls.preview(s.cfg, s.method_cls.make_batch(s.cfg, images, rng, meta=meta))
     path = os.path.abspath(output_file)
     save_pretext_mosaic(panels, path, spacing=s.cm.spacing,
                         title=f"{method} on {s.target} (data: {s.source}, {s.arch.name} plans, crop "

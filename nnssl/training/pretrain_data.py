@@ -12,7 +12,6 @@ Crops are read directly from nnU-Net's blosc2 files (only the chunks the crop to
 decompressed) and padded with 0 where a volume is smaller than the crop, as nnU-Net's own
 loader does (0 is the normalized intensity nnU-Net pads with, so fine-tuning sees the same).
 """
-import inspect
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -61,14 +60,6 @@ def sample_images(dataset: nnUNetDatasetBlosc2, identifiers: Sequence[str], batc
     return np.ascontiguousarray(np.stack(crops), dtype=np.float32), meta
 
 
-def call_with_meta(fn, *args, meta: dict):
-    """``fn(*args, meta=meta)``; methods whose make_batch/preview_from_images predate the optional
-    ``meta`` argument of the SSLMethod contract are called without it."""
-    if "meta" in inspect.signature(fn).parameters:
-        return fn(*args, meta=meta)
-    return fn(*args)
-
-
 class PretrainLoader(DataLoader):
     """Yields ``{"iteration": i, "batch": make_batch(cfg, images, rng_i)}`` for i = start, start + 1, ...
 
@@ -101,7 +92,7 @@ class PretrainLoader(DataLoader):
 
     def make(self, iteration: int):
         images, meta, rng = self.images(iteration)
-        return call_with_meta(self.method_cls.make_batch, self.cfg, images, rng, meta=meta)
+        return self.method_cls.make_batch(self.cfg, images, rng, meta=meta)
 
 
 def map_tensors(obj, fn, kind=torch.Tensor):

@@ -25,7 +25,7 @@ import tempfile
 _WRAPPER = """
 import json, resource, subprocess, sys, time
 t0 = time.perf_counter()
-r = subprocess.run(json.loads(sys.argv[1]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+r = subprocess.run(json.loads(sys.argv[1]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
 wall = time.perf_counter() - t0
 if r.returncode:
     sys.exit(r.stderr[-3000:])
@@ -34,7 +34,7 @@ print(json.dumps({"wall": wall, "maxrss_mb": resource.getrusage(resource.RUSAGE_
 
 
 def measure(cmd, env):
-    out = subprocess.run([sys.executable, "-c", _WRAPPER, json.dumps(cmd)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, json.dumps(cmd)], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])

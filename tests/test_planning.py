@@ -34,7 +34,7 @@ def planned(tmp_path_factory):
     env = {**os.environ, "nnUNet_n_proc_DA": "1", "nnUNet_raw": raw, "nnUNet_preprocessed": ref,
            "nnUNet_results": str(root / "res")}
     r = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", "1", "-c", "3d_fullres", "-np", "1"], env=env,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     calls = []
 

@@ -234,7 +234,7 @@ def test_torchrun_two_processes_agree(pretrain_env, tmp_path):
            "nnssl.cli.pretrain", "-d", DS, "-m", METHOD, "--iterations", "2", "--iterations_per_epoch", "1",
            "--batch_size", "4", "-device", "cpu", "--num_workers", "0", "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "training_log.txt") as f:
         line = next(li for li in f if "sha256 per rank" in li)

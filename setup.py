@@ -12,6 +12,8 @@ PACKAGES = [
     "nnssl.training",
     "nnssl.planning",
     "nnssl.dataset_conversion",
+    "nnssl.inference",
+    "nnssl.evaluation",
 ]
 
 COMMANDS = {
@@ -23,6 +25,10 @@ COMMANDS = {
     "nnssl_pretrain": "pretrain",
     "nnssl_show_pretext": "show_pretext",
     "nnssl_demo": "demo",
+    "nnssl_train": "train",
+    "nnssl_predict": "predict",
+    "nnssl_evaluate": "evaluate",
+    "nnssl_compare": "compare",
 }
 
 setup(

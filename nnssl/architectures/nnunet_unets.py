@@ -13,7 +13,7 @@ register_architecture(ArchitectureSpec(
     name="plainconvunet",
     planner="nnssl.planning.planners.nnsslPlainConvUNetPlanner",
     plans_name="nnUNetPlans",
-    trainer="nnUNetTrainer",
+    trainer="nnsslTrainer",
     description="nnU-Net's default PlainConvUNet (nnUNetPlans)",
     presets={"tiny": _TINY_UNET},
 ))
@@ -22,7 +22,7 @@ register_architecture(ArchitectureSpec(
     name="resenc",
     planner="nnssl.planning.planners.nnsslResEncUNetMPlanner",
     plans_name="nnUNetResEncUNetMPlans",
-    trainer="nnUNetTrainer",
+    trainer="nnsslTrainer",
     description="nnU-Net's residual-encoder U-Net, M preset (nnUNetResEncUNetMPlans)",
     presets={"tiny": _TINY_UNET},
 ))

@@ -1,0 +1,197 @@
+"""Weight injection: pretrained weights into a freshly initialized fine-tuning network (SPEC §5).
+
+Rules, per tensor of the network (parameters and persistent buffers such as BatchNorm running
+statistics):
+
+- output heads (names containing ``.seg_layers.``) always keep their fresh initialization;
+- a tensor is *transferable* when it is in the checkpoint's transferable part: names starting
+  with ``encoder.`` for ``transfer == "encoder"``, every name for ``"encoder+decoder"``;
+- a transferable tensor is loaded when the checkpoint has the same name with the same shape;
+  otherwise it is skipped (shape mismatch) or left random (not in the checkpoint).
+
+Tensors are counted once: nnU-Net's networks reach the same module under several names
+(``decoder.encoder.*`` is ``encoder.*``; ``convs.0.all_modules.0`` is ``convs.0.conv``), and
+``named_parameters()`` lists each tensor under its first name only.
+
+Before anything is copied, :func:`nnssl.checkpoints.load_pretraining_checkpoint` refuses a
+checkpoint whose network class, ``arch_kwargs`` or input channels differ from the fine-tuning
+plans. The comparison of ``arch_kwargs`` is exact: nnssl's planner writes the same kwargs for
+the same target dataset, architecture and preset, so pretraining and fine-tuning with the same
+plans always match; a checkpoint pretrained under other plans (another patch size that changed
+the number of stages, another preset) is refused rather than half loaded.
+"""
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from nnssl.errors import NnsslError
+from nnssl.io import write_json
+from nnssl.training.trainers import unwrap_network
+
+HEAD_KEY_PART = ".seg_layers."
+TRANSFERS = ("encoder", "encoder+decoder")
+REPORT_FILE = "nnssl_pretrained.json"
+
+LOADED, SKIPPED_SHAPE, SKIPPED_NOT_TRANSFERABLE, NOT_IN_CHECKPOINT, OUTPUT_HEAD = (
+    "loaded", "skipped_shape_mismatch", "skipped_not_transferable", "not_in_checkpoint", "output_head")
+STATUSES = (LOADED, SKIPPED_SHAPE, SKIPPED_NOT_TRANSFERABLE, NOT_IN_CHECKPOINT, OUTPUT_HEAD)
+
+
+def module_prefix(key: str) -> str:
+    """First two name components: 'encoder.stages.0.0.convs.0.conv.weight' -> 'encoder.stages'."""
+    return ".".join(key.split(".")[:2])
+
+
+@dataclass
+class InjectionReport:
+    transfer: str
+    status: Dict[str, str] = field(default_factory=OrderedDict)  # network tensor name -> one of STATUSES
+    shapes: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)  # (ckpt, net)
+    numel: Dict[str, int] = field(default_factory=dict)
+    unused_checkpoint_keys: List[str] = field(default_factory=list)  # names this network does not have
+
+    def keys(self, status: str) -> List[str]:
+        return [k for k, s in self.status.items() if s == status]
+
+    @property
+    def n_loaded(self) -> int:
+        return len(self.keys(LOADED))
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.keys(SKIPPED_SHAPE)) + len(self.keys(SKIPPED_NOT_TRANSFERABLE))
+
+    @property
+    def n_left_random(self) -> int:
+        return len(self.status) - self.n_loaded
+
+    def counts(self) -> Dict[str, int]:
+        c = {s: len(self.keys(s)) for s in STATUSES}
+        c.update(total=len(self.status), left_random=self.n_left_random,
+                 loaded_values=sum(self.numel[k] for k in self.keys(LOADED)),
+                 unused_checkpoint_keys=len(self.unused_checkpoint_keys))
+        return c
+
+    def by_prefix(self) -> Dict[str, Dict[str, int]]:
+        """{prefix: {"loaded", "skipped", "left_random"}}; skipped tensors count as left random too."""
+        out: Dict[str, Dict[str, int]] = OrderedDict()
+        for k, s in self.status.items():
+            row = out.setdefault(module_prefix(k), {"loaded": 0, "skipped": 0, "left_random": 0})
+            if s == LOADED:
+                row["loaded"] += 1
+            else:
+                row["left_random"] += 1
+                row["skipped"] += s in (SKIPPED_SHAPE, SKIPPED_NOT_TRANSFERABLE)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "transfer": self.transfer,
+            "counts": self.counts(),
+            "by_prefix": self.by_prefix(),
+            "keys": {s: self.keys(s) for s in STATUSES},
+            "shape_mismatches": {k: {"checkpoint": list(self.shapes[k][0]), "network": list(self.shapes[k][1])}
+                                 for k in self.keys(SKIPPED_SHAPE)},
+            "unused_checkpoint_keys": self.unused_checkpoint_keys,
+        }
+
+    def format(self) -> str:
+        c = self.counts()
+        lines = [
+            f"loaded {c[LOADED]} of {c['total']} tensors ({c['loaded_values']:,} values, transfer '{self.transfer}'); "
+            f"skipped {self.n_skipped} (shape mismatch {c[SKIPPED_SHAPE]}, not transferable "
+            f"{c[SKIPPED_NOT_TRANSFERABLE]}); left random {c['left_random']} (output heads {c[OUTPUT_HEAD]}, not in "
+            f"checkpoint {c[NOT_IN_CHECKPOINT]}); checkpoint tensors this network lacks: {c['unused_checkpoint_keys']}",
+            f"  {'module prefix':<32}{'loaded':>8}{'skipped':>9}{'left random':>13}",
+        ]
+        for prefix, row in self.by_prefix().items():
+            lines.append(f"  {prefix:<32}{row['loaded']:>8}{row['skipped']:>9}{row['left_random']:>13}")
+        for k in self.keys(SKIPPED_SHAPE)[:10]:
+            lines.append(f"  shape mismatch {k}: checkpoint {list(self.shapes[k][0])}, network {list(self.shapes[k][1])}")
+        return "\n".join(lines)
+
+
+def _network_tensors(net: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """Each parameter / persistent buffer once, under its first name (see module docstring)."""
+    persistent = set(net.state_dict().keys())
+    tensors = OrderedDict(net.named_parameters())
+    tensors.update((k, b) for k, b in net.named_buffers() if k in persistent)
+    return tensors
+
+
+def transfer_weights(network: nn.Module, weights: Dict[str, torch.Tensor], transfer: str) -> InjectionReport:
+    """Copy the transferable, name- and shape-matching tensors of ``weights`` into ``network`` in place."""
+    if transfer not in TRANSFERS:
+        raise NnsslError(f"The checkpoint's 'transfer' is '{transfer}'; nnssl knows {', '.join(TRANSFERS)}. "
+                         f"The checkpoint was not written by nnssl_pretrain, or by a newer nnssl.")
+    net = unwrap_network(network)
+    report = InjectionReport(transfer=transfer)
+    tensors = _network_tensors(net)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            report.numel[name] = tensor.numel()
+            if HEAD_KEY_PART in name:
+                report.status[name] = OUTPUT_HEAD
+            elif name not in weights:
+                report.status[name] = NOT_IN_CHECKPOINT
+            elif transfer == "encoder" and not name.startswith("encoder."):
+                report.status[name] = SKIPPED_NOT_TRANSFERABLE
+            elif tuple(weights[name].shape) != tuple(tensor.shape):
+                report.status[name] = SKIPPED_SHAPE
+                report.shapes[name] = (tuple(weights[name].shape), tuple(tensor.shape))
+            else:
+                tensor.copy_(weights[name])
+                report.status[name] = LOADED
+    known = set(net.state_dict().keys())
+    report.unused_checkpoint_keys = sorted(k for k in weights if k not in known)
+    return report
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inject_pretrained(trainer, checkpoint_path: str) -> InjectionReport:
+    """Load a pretraining checkpoint into an initialized nnU-Net trainer's network.
+
+    Refuses (NnsslError) a checkpoint that does not fit the trainer's plans; prints the report,
+    writes it to the trainer's log and, with the checkpoint's identity, to
+    ``<fold folder>/nnssl_pretrained.json``.
+    """
+    from nnssl.checkpoints import load_pretraining_checkpoint
+
+    if not trainer.was_initialized:
+        raise RuntimeError("inject_pretrained needs an initialized trainer (call trainer.initialize() first)")
+    cm = trainer.configuration_manager
+    ckpt = load_pretraining_checkpoint(checkpoint_path, expected_architecture_class=cm.network_arch_class_name,
+                                       expected_arch_kwargs=cm.network_arch_init_kwargs,
+                                       expected_input_channels=trainer.num_input_channels)
+    report = transfer_weights(trainer.network, ckpt["network_weights"], ckpt["transfer"])
+    if report.n_loaded == 0:
+        raise NnsslError(f"No tensor of checkpoint {checkpoint_path} matches the fine-tuning network by name and "
+                         f"shape, so fine-tuning would start from scratch. Check that it was pretrained with the "
+                         f"architecture and plans you fine-tune with.")
+    method = ckpt["method"].get("name")
+    trainer.print_to_log_file(f"nnssl: pretrained weights from {checkpoint_path} (method {method}, iteration "
+                              f"{ckpt['iteration']})\n" + report.format())
+    write_json({
+        "checkpoint": os.path.abspath(checkpoint_path),
+        "sha256": sha256_of(checkpoint_path),
+        "method": method,
+        "method_config": ckpt["method"].get("config"),
+        "iteration": ckpt["iteration"],
+        "pretraining_data": ckpt["pretraining_data"],
+        "architecture": ckpt["architecture"].get("name"),
+        "plans_name": ckpt["plans_name"],
+        "report": report.to_dict(),
+    }, os.path.join(trainer.output_folder, REPORT_FILE))
+    return report

@@ -1,0 +1,162 @@
+"""Weight injection on hand-countable tiny U-Nets, and the fine-tuning trainers' small hooks."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnssl.errors import NnsslError
+from nnssl.training.injection import (LOADED, NOT_IN_CHECKPOINT, OUTPUT_HEAD, SKIPPED_NOT_TRANSFERABLE,
+                                      SKIPPED_SHAPE, module_prefix, transfer_weights)
+from nnssl.training.trainers import (EpochStepLR, LinearWarmupLR, TRAINERS, nnsslTrainer, nnsslTrainer_PCTNet)
+
+
+def tiny_unet(seed, features=(4, 8, 16), num_classes=2):
+    """3 stages, 1 conv per stage, BatchNorm. Tensors, each counted once:
+    encoder: 3 stages x (conv w, conv b, bn w, bn b, running_mean, running_var, num_batches_tracked) = 21;
+    decoder.stages: 2 x 7 = 14; decoder.transpconvs: 2 x (w, b) = 4; decoder.seg_layers: 2 x (w, b) = 4."""
+    torch.manual_seed(seed)
+    net = PlainConvUNet(1, len(features), features, torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), num_classes, (1, 1), True,
+                        torch.nn.BatchNorm3d, {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU,
+                        {"inplace": True}, deep_supervision=True)
+    with torch.no_grad():  # every tensor distinguishable between two networks (BN starts at 1 / 0)
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5)
+            else:  # BatchNorm's num_batches_tracked
+                t.fill_(seed + 1)
+    return net
+
+
+def pretrained_weights(net):
+    """What a pretraining checkpoint holds: the state dict (aliases included) minus the output heads."""
+    return {k: v.clone() for k, v in net.state_dict().items() if ".seg_layers." not in k}
+
+
+def snapshot(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_encoder_decoder_transfer_counts_and_values():
+    src, dst = tiny_unet(0), tiny_unet(1)
+    weights = pretrained_weights(src)
+    # Heads present with the same shape must still not be loaded.
+    weights.update({k: v.clone() for k, v in src.state_dict().items() if ".seg_layers." in k})
+    before = snapshot(dst)
+    report = transfer_weights(dst, weights, "encoder+decoder")
+
+    c = report.counts()
+    assert c["total"] == 21 + 14 + 4 + 4
+    assert c[LOADED] == 39 and c[OUTPUT_HEAD] == 4 and report.n_left_random == 4 and report.n_skipped == 0
+    assert report.by_prefix() == {
+        "encoder.stages": {"loaded": 21, "skipped": 0, "left_random": 0},
+        "decoder.stages": {"loaded": 14, "skipped": 0, "left_random": 0},
+        "decoder.transpconvs": {"loaded": 4, "skipped": 0, "left_random": 0},
+        "decoder.seg_layers": {"loaded": 0, "skipped": 0, "left_random": 4},
+    }
+    after = dst.state_dict()
+    for k, v in after.items():
+        if ".seg_layers." in k:
+            assert torch.equal(v, before[k]) and not torch.equal(v, weights[k])
+        else:  # aliases (decoder.encoder.*, all_modules.*) see the injected values too
+            assert torch.equal(v, weights[k]), k
+    assert c["loaded_values"] == sum(p.numel() for n, p in dst.state_dict().items()
+                                     if ".seg_layers." not in n and not n.startswith("decoder.encoder.")
+                                     and ".all_modules." not in n)
+
+
+def test_encoder_only_transfer_leaves_decoder_random():
+    src, dst = tiny_unet(0), tiny_unet(1)
+    weights = pretrained_weights(src)
+    before = snapshot(dst)
+    report = transfer_weights(dst, weights, "encoder")
+    assert report.counts()[LOADED] == 21
+    assert report.counts()[SKIPPED_NOT_TRANSFERABLE] == 14 + 4
+    assert report.n_left_random == 14 + 4 + 4
+    for k, v in dst.state_dict().items():
+        if k.startswith("encoder.") or k.startswith("decoder.encoder."):
+            assert torch.equal(v, weights[k]), k
+        else:
+            assert torch.equal(v, before[k]), k
+            assert ".seg_layers." in k or not torch.equal(v, weights[k]), k
+
+
+def test_shape_mismatch_skipped_and_unused_keys_reported():
+    src, dst = tiny_unet(0, features=(4, 8, 32)), tiny_unet(1)
+    weights = pretrained_weights(src)
+    weights["method_head.weight"] = torch.zeros(3)
+    report = transfer_weights(dst, weights, "encoder+decoder")
+    # Bottleneck stage: conv w/b, bn w/b and both running stats change with the width (6 tensors;
+    # num_batches_tracked is a scalar and matches); transpconvs.0.weight is [32, 8, ...] (its bias [8] fits).
+    mismatched = {k for k, s in report.status.items() if s == SKIPPED_SHAPE}
+    assert mismatched == {f"encoder.stages.2.0.convs.0.{n}" for n in
+                          ("conv.weight", "conv.bias", "norm.weight", "norm.bias", "norm.running_mean",
+                           "norm.running_var")} | {"decoder.transpconvs.0.weight"}
+    assert report.counts()[LOADED] == 39 - 7
+    assert report.shapes["decoder.transpconvs.0.weight"] == ((32, 8, 2, 2, 2), (16, 8, 2, 2, 2))
+    assert report.unused_checkpoint_keys == ["method_head.weight"]
+    assert "shape mismatch decoder.transpconvs.0.weight" in report.format()
+
+
+def test_missing_keys_left_random_and_bad_transfer_refused():
+    src, dst = tiny_unet(0), tiny_unet(1)
+    weights = {k: v for k, v in pretrained_weights(src).items() if not k.startswith("decoder.stages.1.")}
+    report = transfer_weights(dst, weights, "encoder+decoder")
+    assert report.counts()[NOT_IN_CHECKPOINT] == 7
+    assert report.by_prefix()["decoder.stages"] == {"loaded": 7, "skipped": 0, "left_random": 7}
+    with pytest.raises(NnsslError, match="transfer"):
+        transfer_weights(dst, weights, "decoder")
+
+
+def test_module_prefix():
+    assert module_prefix("encoder.stages.0.0.convs.0.conv.weight") == "encoder.stages"
+    assert module_prefix("decoder.seg_layers.1.bias") == "decoder.seg_layers"
+
+
+def _optimizer(lr=0.01):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_linear_warmup_scales_poly_schedule():
+    opt = _optimizer()
+    sched = LinearWarmupLR(PolyLRScheduler(opt, 0.01, 10), opt, warmup_epochs=2)
+    lrs = []
+    for epoch in range(4):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    expected = [0.01 * 1.0 * 0.5, 0.01 * 0.9 ** 0.9 * 1.0, 0.01 * 0.8 ** 0.9, 0.01 * 0.7 ** 0.9]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+    sched.step(0)  # stateless: going back (as on resume) gives the same value
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_pct_step_schedule_halves_every_5k_iterations():
+    opt = _optimizer()
+    sched = EpochStepLR(opt, 1e-3, step_epochs=round(5000 / 250))
+    for epoch, lr in ((0, 1e-3), (19, 1e-3), (20, 5e-4), (45, 2.5e-4)):
+        sched.step(epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+
+
+def test_pct_deep_supervision_scales_match_network_outputs():
+    from nnssl.architectures.pct_net import PCTNet
+
+    kwargs = {"channels": (4, 8, 16, 16, 32), "heads": (1, 2, 2), "window_size": 4}
+    fake = SimpleNamespace(enable_deep_supervision=True,
+                           configuration_manager=SimpleNamespace(network_arch_init_kwargs=kwargs))
+    scales = nnsslTrainer_PCTNet._get_deep_supervision_scales(fake)
+    assert scales == [[1, 1, 1], [1, 0.5, 0.5], [0.5, 0.25, 0.25], [0.25, 0.125, 0.125]]
+    torch.manual_seed(0)
+    net = PCTNet(1, 2, deep_supervision=True, **kwargs).eval()
+    shape = (8, 32, 32)
+    with torch.no_grad():
+        outs = net(torch.zeros(1, 1, *shape))
+    assert [tuple(o.shape[2:]) for o in outs] == [tuple(int(s * f) for s, f in zip(shape, sc)) for sc in scales]
+
+
+def test_trainer_registry_names_are_class_names():
+    assert TRAINERS.get("nnsslTrainer") is nnsslTrainer
+    assert TRAINERS.get("nnsslTrainer_PCTNet") is nnsslTrainer_PCTNet
+    assert all(cls.__name__ == name for name, cls in TRAINERS.items())

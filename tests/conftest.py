@@ -11,6 +11,17 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The CI machine has 2 cores and nnU-Net starts worker processes: one intra-op thread per test
+    process avoids oversubscription (several times faster here)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """Point nnU-Net's three folder variables at fresh folders under tmp_path."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import write_raw_dataset
+from nnssl.architectures.spec import count_parameters
 from nnssl.architectures import ARCHITECTURES
 from nnssl.architectures.blocks.lka import LargeKernelAttention3d
 from nnssl.architectures.logonet import LoGoNet, LoGoNetConfig, merge_2x2x2, required_divisor, split_2x2x2
@@ -19,18 +20,6 @@ from nnssl.training.trainers import TRAINERS
 from nnssl.training.trainers_logonet import EpochWarmupCosineLR, nnsslTrainer_LoGoNet, warmup_epochs_for
 
 DS = "Dataset001_Blobs"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_split_merge_identity_and_cube_order():

@@ -4,25 +4,13 @@ import pytest
 import torch
 from torch import nn
 
+from nnssl.architectures.spec import count_parameters
 from nnssl.architectures import ARCHITECTURES
 from nnssl.architectures.pct_net import PCTBlock, PCTNet, required_divisor
 from nnssl.errors import NnsslError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared; one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = {"channels": (4, 8, 16, 16, 32), "heads": (1, 2, 2), "window_size": 4}
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --- hand-derived parameter counts (weights + biases; BN: 2C; PReLU: one slope) -----------

@@ -5,23 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnssl.architectures.spec import count_parameters
 from nnssl.architectures import ARCHITECTURES
 from nnssl.architectures.blocks.lka import LargeKernelAttention3d, LKABlock3d
 from nnssl.architectures.ulkanet import TINY, VARIANTS, ULKANet, ULKANetConfig
 from nnssl.errors import NnsslError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared; one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --- hand-derived parameter counts (conv weights + biases; BN / LayerNorm: 2C) ---------------

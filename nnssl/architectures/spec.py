@@ -48,6 +48,11 @@ def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
     return spec
 
 
+def count_parameters(module) -> int:
+    """Number of parameters of a network or sub-module (what the papers' size tables count)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def architecture_for_plans(plans_name: str) -> ArchitectureSpec:
     """The architecture whose planner writes ``plans_name`` (used to find trainers/presets again)."""
     for _, spec in ARCHITECTURES.items():

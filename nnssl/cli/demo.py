@@ -9,11 +9,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnssl_demo",
         description="Run nnssl end to end on synthetic BTCV-like data: generate, convert, plan and "
-                    "preprocess (and, as the pipeline grows, pretrain, fine-tune, predict, evaluate). "
-                    "Uses its own nnU-Net folders under -o; rerunning resumes.")
+                    "preprocess (labeled + unlabeled), Volume Fusion pretraining, fine-tuning from the "
+                    "checkpoint and from scratch, prediction, evaluation and a comparison report. Uses its "
+                    "own nnU-Net folders under -o; rerunning resumes where it stopped.")
     p.add_argument("-o", "--output", default="nnssl_demo",
                    help="folder for all demo data and results (default: ./nnssl_demo)")
-    p.add_argument("--fast", action="store_true", help="fewer and smaller cases: a ~2 minute smoke run")
+    p.add_argument("--fast", action="store_true", help="fewer, smaller cases and tiny budgets: a ~2 minute smoke run (results are not meaningful)")
     return p
 
 

@@ -79,6 +79,11 @@ class PretrainLoader(DataLoader):
         self._produced = 0  # batches this worker produced so far
 
     def generate_train_batch(self):
+        if self._produced == 0 and self.number_of_threads_in_multithreaded > 1:
+            # In a worker process: one intra-op thread. The workers already run in parallel, and
+            # torch ops on several threads in a forked child are slow under load and can deadlock
+            # when the parent had used its thread pool before forking.
+            torch.set_num_threads(1)
         i = self.start + self.thread_id + self._produced * self.number_of_threads_in_multithreaded
         self._produced += 1
         return {"iteration": i, "batch": map_tensors(self.make(i), lambda t: t.numpy())}

@@ -77,9 +77,10 @@ class PretrainLoader(DataLoader):
         self.method_cls, self.cfg = method_cls, cfg
         self.seed, self.rank, self.start = int(seed), int(rank), int(start_iteration)
         self._produced = 0  # batches this worker produced so far
+        self._in_worker = num_workers > 0  # copies of this loader run in background processes
 
     def generate_train_batch(self):
-        if self._produced == 0 and self.number_of_threads_in_multithreaded > 1:
+        if self._produced == 0 and self._in_worker:
             # In a worker process: one intra-op thread. The workers already run in parallel, and
             # torch ops on several threads in a forked child are slow under load and can deadlock
             # when the parent had used its thread pool before forking.

@@ -42,7 +42,7 @@ FAST = DemoSettings("fast", cases=3, test_cases=1, unlabeled=3, pretrain_iterati
                     finetune_epochs=2, iterations_per_epoch=5, shape=(24, 48, 48))
 
 
-def _set_tree(root: str) -> Dict[str, str]:
+def use_folder_tree(root: str) -> Dict[str, str]:
     folders = {var: os.path.join(root, var) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for var, path in folders.items():
         os.makedirs(path, exist_ok=True)
@@ -70,7 +70,7 @@ def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
     root = os.path.join(os.path.abspath(out_dir), s.name)  # fast and full runs never share data
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NnsslError(f"Demo output '{out_dir}' exists and is not a folder; pass another -o.")
-    tree = _set_tree(root)
+    tree = use_folder_tree(root)
     t0 = time.time()
 
     _step("synthetic BTCV-like data (original BTCV layout + unlabeled volumes)")
@@ -84,7 +84,7 @@ def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
     if "Dataset002_CTUnlabeled" not in existing:
         convert_unlabeled(src["unlabeled"], dataset_id=2, name="CTUnlabeled")
 
-    labels_ts = _copy_test_labels(src["testing_labels"], os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV"))
+    labels_ts = copy_test_labels(src["testing_labels"], os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV"))
 
     _step("fingerprint, plan and preprocess (unlabeled data with the target's plans)")
     plan_and_preprocess("BTCV", architectures=[s.architecture], pretraining=["CTUnlabeled"], preset=s.preset,
@@ -133,7 +133,7 @@ def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
     return {"root": root, "report": report, "runs": run_folders}
 
 
-def _copy_test_labels(testing_labels: str, dataset_folder: str) -> str:
+def copy_test_labels(testing_labels: str, dataset_folder: str) -> str:
     """BTCV has no test labels; the synthetic data does. Put them where nnU-Net users keep them
     (``labelsTs/``, named like the converted cases: label0007 -> BTCV_0007) for evaluation."""
     import shutil

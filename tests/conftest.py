@@ -1,4 +1,5 @@
 """Shared fixtures: an isolated nnU-Net folder tree per test and tiny datasets."""
+import hashlib
 import json
 import os
 
@@ -32,6 +33,16 @@ def nnunet_env(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(p))
         env[var] = str(p)
     return env
+
+
+def snapshot(folder):
+    """{relative path: sha1} of every file under folder."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+    return out
 
 
 def write_image(path, arr, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None):
@@ -125,16 +136,10 @@ def pretrain_tree(tmp_path_factory):
 
 @pytest.fixture
 def pretrain_env(pretrain_tree, tmp_path, monkeypatch):
-    """nnU-Net variables on the shared ``pretrain_tree`` data, with a fresh results folder per test;
-    torch runs single-threaded meanwhile (faster than two threads on the shared 2 cores)."""
-    import torch
-
+    """nnU-Net variables on the shared ``pretrain_tree`` data, with a fresh results folder per test."""
     monkeypatch.setenv("nnUNet_raw", pretrain_tree["nnUNet_raw"])
     monkeypatch.setenv("nnUNet_preprocessed", pretrain_tree["nnUNet_preprocessed"])
     results = tmp_path / "results"
     results.mkdir()
     monkeypatch.setenv("nnUNet_results", str(results))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield {**pretrain_tree, "nnUNet_results": str(results)}
-    torch.set_num_threads(threads)
+    return {**pretrain_tree, "nnUNet_results": str(results)}

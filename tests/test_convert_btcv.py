@@ -1,12 +1,11 @@
 """nnssl_convert_btcv: BTCV original layout -> nnU-Net raw dataset."""
-import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import write_image
+from conftest import snapshot, write_image
 
 from nnssl.cli.convert_btcv import main
 from nnssl.dataset_conversion import btcv
@@ -17,16 +16,6 @@ from nnssl.errors import NnsslError
 # a 90-degree rotation about z plus an axis flip: a direction nothing would produce by accident
 ODD_DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 SHAPE = (6, 10, 12)  # [Z, Y, X]
-
-
-def snapshot(folder):
-    """{relative path: sha1} of every file under folder."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, folder)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def make_btcv(root, rng, train=(1, 2, 3), test=(61,)):

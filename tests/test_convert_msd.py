@@ -1,12 +1,11 @@
 """nnssl_convert_msd: Medical Segmentation Decathlon task -> nnU-Net raw dataset via nnU-Net's converter."""
-import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import write_image
+from conftest import snapshot, write_image
 
 from nnssl.cli.convert_msd import main
 from nnssl.dataset_conversion.msd import convert_msd
@@ -16,16 +15,6 @@ from nnssl.errors import NnsslError
 SHAPE = (5, 6, 7)  # [Z, Y, X]
 SPACING, ORIGIN = (0.625, 0.7, 3.6), (-12.5, 30.25, 4.0)
 DIRECTION = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
-
-
-def snapshot(folder):
-    """{relative path: sha1} of every file under folder."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, folder)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def write_4d(path, arr):

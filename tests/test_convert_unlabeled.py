@@ -1,12 +1,11 @@
 """nnssl_convert_unlabeled: mixed volume formats and DICOM series -> unlabeled nnU-Net raw dataset."""
-import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import write_image
+from conftest import snapshot, write_image
 
 from nnssl.cli.convert_unlabeled import main
 from nnssl.dataset_conversion.unlabeled import convert_unlabeled
@@ -14,16 +13,6 @@ from nnssl.dataset_conversion.validation import validate_raw_dataset
 from nnssl.errors import NnsslError
 
 UID_ROOT = "1.2.826.0.1.3680043.2.1125.77"
-
-
-def snapshot(folder):
-    """{relative path: sha1} of every file under folder."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, folder)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def write_dicom_series(folder, arr, spacing, origin, series_uid, prefix):

@@ -10,7 +10,8 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnssl.errors import NnsslError
 from nnssl.training.injection import (LOADED, NOT_IN_CHECKPOINT, OUTPUT_HEAD, SKIPPED_NOT_TRANSFERABLE,
                                       SKIPPED_SHAPE, module_prefix, transfer_weights)
-from nnssl.training.trainers import (EpochStepLR, LinearWarmupLR, TRAINERS, nnsslTrainer, nnsslTrainer_PCTNet)
+from nnssl.training.trainers.base import EpochStepLR, LinearWarmupLR, TRAINERS, nnsslTrainer
+from nnssl.training.trainers.pct_net import nnsslTrainer_PCTNet
 
 
 def tiny_unet(seed, features=(4, 8, 16), num_classes=2):

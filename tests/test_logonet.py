@@ -16,8 +16,8 @@ from nnssl.architectures.blocks.lka import LargeKernelAttention3d
 from nnssl.architectures.logonet import LoGoNet, LoGoNetConfig, merge_2x2x2, required_divisor, split_2x2x2
 from nnssl.architectures.ulkanet import TINY, VARIANTS, ULKANet
 from nnssl.errors import NnsslError
-from nnssl.training.trainers import TRAINERS
-from nnssl.training.trainers_logonet import EpochWarmupCosineLR, nnsslTrainer_LoGoNet, warmup_epochs_for
+from nnssl.training.trainers.base import TRAINERS
+from nnssl.training.trainers.logonet import EpochWarmupCosineLR, nnsslTrainer_LoGoNet, warmup_epochs_for
 
 DS = "Dataset001_Blobs"
 

@@ -101,8 +101,18 @@ def required_divisor(cfg: LoGoNetConfig) -> Tuple[int, int, int]:
     return tuple(math.lcm(g, 2 * l) for g, l in zip(cfg.total_stride, cfg.local_config().total_stride))
 
 
+class LoGoFeatures(list):
+    """What :class:`LoGoEncoder` returns: the global ULKANet's per-level features (a list, highest
+    resolution first, as every nnssl encoder returns, so SSL methods read levels and bottleneck the
+    same way on every network) carrying the 8 local encoders' feature lists in ``local``."""
+
+    def __init__(self, global_skips: List[torch.Tensor], local: List[List[torch.Tensor]]):
+        super().__init__(global_skips)
+        self.local = local
+
+
 class LoGoEncoder(nn.Module):
-    """x: [B, C_in, D, H, W] -> (global skips, [local skips of cube k for k in 0..7])."""
+    """x: [B, C_in, D, H, W] -> :class:`LoGoFeatures` (global skips; ``.local``: skips of cube k, k in 0..7)."""
 
     def __init__(self, input_channels: int, cfg: LoGoNetConfig):
         super().__init__()
@@ -111,7 +121,7 @@ class LoGoEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         cubes = split_2x2x2(x)
-        return self.global_encoder(x), [enc(c) for enc, c in zip(self.local_encoders, cubes)]
+        return LoGoFeatures(self.global_encoder(x), [enc(c) for enc, c in zip(self.local_encoders, cubes)])
 
     def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
         half = tuple(p // 2 for p in patch_size)
@@ -120,7 +130,7 @@ class LoGoEncoder(nn.Module):
 
 
 class LoGoDecoder(nn.Module):
-    """(global skips, local skips) -> fusion -> classifier: [B, num_classes, D, H, W]."""
+    """:class:`LoGoFeatures` -> fusion -> classifier: [B, num_classes, D, H, W]."""
 
     def __init__(self, cfg: LoGoNetConfig, num_classes: int, deep_supervision: bool):
         super().__init__()
@@ -135,13 +145,13 @@ class LoGoDecoder(nn.Module):
         self.deep_supervision = deep_supervision
         self.num_classes = num_classes
 
-    def features(self, global_skips: List[torch.Tensor], local_skips: List[List[torch.Tensor]]) -> torch.Tensor:
-        g = self.global_decoder(global_skips)
-        local = merge_2x2x2([dec(s) for dec, s in zip(self.local_decoders, local_skips)])
+    def features(self, skips: LoGoFeatures) -> torch.Tensor:
+        g = self.global_decoder(list(skips))
+        local = merge_2x2x2([dec(s) for dec, s in zip(self.local_decoders, skips.local)])
         return self.fusion(g + local)
 
-    def forward(self, global_skips: List[torch.Tensor], local_skips: List[List[torch.Tensor]]):
-        y = self.seg_layers[0](self.features(global_skips, local_skips))
+    def forward(self, skips: LoGoFeatures):
+        y = self.seg_layers[0](self.features(skips))
         return [y] if self.deep_supervision else y  # single scale, like ULKANet
 
     def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
@@ -175,12 +185,12 @@ class LoGoNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self._check(x)
-        return self.decoder(*self.encoder(x))
+        return self.decoder(self.encoder(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The fused map before the classifier: [B, decoder width, D, H, W] (for SSL heads)."""
         self._check(x)
-        return self.decoder.features(*self.encoder(x))
+        return self.decoder.features(self.encoder(x))
 
     def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
         """Elements per sample of every conv output, LKA product and upsampled map (nnU-Net's VRAM proxy)."""

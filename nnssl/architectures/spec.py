@@ -15,13 +15,32 @@ Network contract (what SSL methods and weight injection rely on), the same as nn
   ``-pretrained_weights`` loader skips keys containing ``.seg_layers.`` too);
 - ``forward(x: [B, C, X, Y, Z])`` returns ``[B, num_classes, X, Y, Z]``, or a list of
   outputs from full resolution down when deep supervision is on;
-- ``compute_conv_feature_map_size(patch_size)`` for the planner's memory estimate.
+- ``compute_conv_feature_map_size(patch_size)`` for the planner's memory estimate;
+- ``network.encoder(x)`` returns a list of per-level feature maps, highest resolution first,
+  the last one the bottleneck, and ``network.decoder(features)`` turns that list into the output
+  (``forward(x) == decoder(encoder(x))``), so SSL methods reach every network's features the same
+  way. (LoGoNet's list carries its local branch in an attribute, see ``LoGoFeatures``.)
+
+What an SSL method needs beyond that is a *capability* (:data:`CAPABILITIES`), declared once per
+architecture in :attr:`ArchitectureSpec.capabilities` and once per method in
+``SSLMethod.requires``; :func:`nnssl.ssl.base.check_compatible` compares the two in one place.
 """
 import importlib
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, FrozenSet
 
 from nnssl.registry import Registry
+
+
+# What a method may need from a network, beyond ``forward``. Each is a promise the network keeps.
+CAPABILITIES: Dict[str, str] = {
+    "bottleneck": "network.encoder(x)[-1] is the bottleneck feature map [B, C, d, h, w]",
+    "levels": "every element of network.encoder(x) is a feature map [B, C_i, D_i, H_i, W_i] whose depth axis "
+              "D_i = D / s_i follows the input's depth (per-level features with a depth axis)",
+    "cropped_decoder": "network.decoder(features) also runs on centre-cropped features (each level cropped to the "
+                       "same region, scaled by its stride) and then returns the output for that region only",
+}
+DEFAULT_CAPABILITIES = frozenset({"bottleneck", "levels"})
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,14 @@ class ArchitectureSpec:
     # Size presets for tests and the demo ("tiny"): planner attribute overrides. The paper
     # sizes are always the default; a preset is only used when asked for.
     presets: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    # Which of CAPABILITIES the network provides (see the module docstring).
+    capabilities: FrozenSet[str] = DEFAULT_CAPABILITIES
+
+    def __post_init__(self):
+        unknown = set(self.capabilities) - set(CAPABILITIES)
+        if unknown:
+            raise ValueError(f"architecture '{self.name}' declares unknown capabilities {sorted(unknown)}; "
+                             f"known: {sorted(CAPABILITIES)}")
 
     def planner_class(self):
         module, _, cls = self.planner.rpartition(".")

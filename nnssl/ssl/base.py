@@ -16,7 +16,7 @@ A method is three things (the lightly/MAE pattern):
 Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
 overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
 """
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ class SSLMethod(nn.Module):
     transfer: ClassVar[str] = "encoder+decoder"
     # Smallest batch the method can work with (Volume Fusion fuses sample i with i+1: 2).
     min_batch_size: ClassVar[int] = 1
+    # Capabilities (nnssl.architectures.spec.CAPABILITIES) the network must have; checked by
+    # check_compatible before anything is built.
+    requires: ClassVar[FrozenSet[str]] = frozenset()
 
     def __init__(self, cfg, network: nn.Module, patch_size: Sequence[int], num_input_channels: int):
         super().__init__()
@@ -83,3 +86,24 @@ class SSLMethod(nn.Module):
 
 
 METHODS: Registry[type] = Registry("SSL method", "-m")
+
+
+def compatible_architectures(method: str) -> List[str]:
+    """Names of the registered architectures that have every capability ``method`` requires."""
+    from nnssl.architectures.spec import ARCHITECTURES
+
+    needs = METHODS.get(method).requires
+    return [name for name, spec in ARCHITECTURES.items() if needs <= spec.capabilities]
+
+
+def check_compatible(method: str, architecture: str) -> None:
+    """Refuse (NnsslError) a method on an architecture that lacks a capability the method needs."""
+    from nnssl.architectures.spec import ARCHITECTURES, CAPABILITIES
+    from nnssl.errors import NnsslError
+
+    missing = sorted(METHODS.get(method).requires - ARCHITECTURES.get(architecture).capabilities)
+    if missing:
+        what = "; ".join(f"{m}: {CAPABILITIES[m]}" for m in missing)
+        raise NnsslError(
+            f"SSL method (-m) '{method}' cannot run on architecture (-a) '{architecture}': it needs {what}. "
+            f"Architectures that can: {', '.join(compatible_architectures(method)) or 'none registered'}.")

@@ -131,7 +131,7 @@ def _checkpoint_to_continue(fold_dir: str, cmd: str) -> str:
 
 def apply_run_options(trainer, opts: RunOptions) -> None:
     """Set training length and nnssl options on a constructed, not yet initialized trainer."""
-    from nnssl.training.trainers import FinetuneOptionsMixin, TRAINERS
+    from nnssl.training.trainers.base import FinetuneOptionsMixin, TRAINERS
 
     if opts.epochs is not None:
         trainer.num_epochs = int(opts.epochs)

@@ -31,7 +31,7 @@ from torch import nn
 
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
-from nnssl.training.trainers import unwrap_network
+from nnssl.training.trainers.base import unwrap_network
 
 HEAD_KEY_PART = ".seg_layers."
 TRANSFERS = ("encoder", "encoder+decoder")

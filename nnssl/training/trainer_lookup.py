@@ -6,15 +6,15 @@ trainers, which import timm and through it torchvision; a torchvision that does 
 installed torch fails to import and takes every lookup down with it, even for trainers that
 never use it. nnssl therefore looks names up in this order:
 
-1. nnssl's own trainers (:data:`nnssl.training.trainers.TRAINERS`);
+1. nnssl's own trainers (:data:`nnssl.training.trainer_registry.TRAINERS`);
 2. ``nnUNetTrainer``, imported directly;
 3. any other name through nnU-Net's crawl (which also searches ``nnUNet_extTrainer``), with
    its failures turned into an :class:`NnsslError` that says what happened.
 
 Stock nnU-Net (``nnUNetv2_predict``, ``nnUNetv2_train``) finds nnssl's trainers when the
-environment variable ``nnUNet_extTrainer`` is the folder of ``nnssl/training/trainers.py``::
+environment variable ``nnUNet_extTrainer`` is the folder ``nnssl/training/trainers/``::
 
-    export nnUNet_extTrainer=$(python -c "import os, nnssl.training as t; print(os.path.dirname(t.__file__))")
+    export nnUNet_extTrainer=$(python -c "import os, nnssl.training.trainers as t; print(os.path.dirname(t.__file__))")
 """
 import os
 
@@ -30,8 +30,8 @@ def nnssl_trainer_folder() -> str:
 
 def find_trainer_class(name: str) -> type:
     """The trainer class called ``name`` (a subclass of nnU-Net's ``nnUNetTrainer``)."""
-    from nnssl.training import trainers_logonet  # noqa: F401  (registers the Masked LoGoNet trainer)
-    from nnssl.training.trainers import TRAINERS
+    import nnssl.training.trainers  # noqa: F401  (registers every nnssl trainer)
+    from nnssl.training.trainer_registry import TRAINERS
 
     if name in TRAINERS:
         return TRAINERS.get(name)

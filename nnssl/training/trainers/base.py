@@ -1,4 +1,4 @@
-"""Fine-tuning trainers: small ``nnUNetTrainer`` subclasses, one per architecture.
+"""Base of the fine-tuning trainers: nnU-Net's defaults plus the nnssl fine-tuning options.
 
 Each class only overrides nnU-Net hooks (``initialize``, ``configure_optimizers``,
 ``on_train_epoch_start``, ``_get_deep_supervision_scales``); the training loop, data loading, checkpoints and the final
@@ -17,25 +17,13 @@ attributes after construction and before ``initialize()``:
   decay included), then they train with the rest. BatchNorm running statistics in the encoder
   still update while frozen (the network stays in train mode, as nnU-Net runs it).
 """
-import math
 from typing import List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnssl.registry import Registry
-
-# Defined in this file so that stock nnU-Net's folder search,
-# which may import this file a second time under the top-level name ``trainers``, gets its own
-# registry instead of registering every class twice.
-TRAINERS: Registry[type] = Registry("fine-tuning trainer", "-tr")
-
-
-def register_trainer(cls: type) -> type:
-    TRAINERS.add(cls.__name__, cls)
-    return cls
+from nnssl.training.trainer_registry import TRAINERS, register_trainer  # noqa: F401
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -121,47 +109,3 @@ class FinetuneOptionsMixin:
 class nnsslTrainer(FinetuneOptionsMixin, nnUNetTrainer):
     """nnU-Net's defaults (SGD, poly schedule, Dice+CE, deep supervision) plus the nnssl options.
     Fine-tuning trainer of ``plainconvunet`` and ``resenc``."""
-
-
-# MIS-FM (paper 004) fine-tuning: Adam lr 1e-3 halved every 5k iterations, 30k iterations, Dice+CE.
-PCT_INITIAL_LR = 1e-3
-PCT_HALVE_EVERY_ITERATIONS = 5000
-PCT_TOTAL_ITERATIONS = 30000
-# Assumption: the paper gives no fine-tuning weight decay; use its pretraining value.
-PCT_WEIGHT_DECAY = 1e-5
-
-
-@register_trainer
-class nnsslTrainer_PCTNet(FinetuneOptionsMixin, nnUNetTrainer):
-    """PCT-Net fine-tuning: Adam, lr 1e-3 halved every 5k iterations, Dice+CE with deep
-    supervision over the network's four outputs (nnU-Net's DeepSupervisionWrapper and weights).
-
-    Iterations -> epochs: nnU-Net schedules per epoch, so the halving happens every
-    ``round(5000 / num_iterations_per_epoch)`` epochs (20 at nnU-Net's 250 iterations per
-    epoch), and the default length is 30k iterations = 120 such epochs.
-    """
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = PCT_INITIAL_LR
-        self.weight_decay = PCT_WEIGHT_DECAY
-        self.num_epochs = math.ceil(PCT_TOTAL_ITERATIONS / self.num_iterations_per_epoch)
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        step_epochs = max(1, round(PCT_HALVE_EVERY_ITERATIONS / self.num_iterations_per_epoch))
-        self.print_to_log_file(f"nnssl: lr {self.initial_lr} halved every {step_epochs} epochs "
-                               f"(~{PCT_HALVE_EVERY_ITERATIONS} iterations at {self.num_iterations_per_epoch}/epoch)")
-        return optimizer, EpochStepLR(optimizer, self.initial_lr, step_epochs, gamma=0.5)
-
-    def _get_deep_supervision_scales(self):
-        """Scales of PCT-Net's outputs (full, 1/2, 1/4, 1/8 per axis) from its own pooling
-        (the embedding's first pool is 1x2x2), so the targets match whatever the plans'
-        ``pool_op_kernel_sizes`` say."""
-        if not self.enable_deep_supervision:
-            return None
-        from nnssl.architectures.pct_net import PCTNetConfig
-
-        pools = PCTNetConfig(**self.configuration_manager.network_arch_init_kwargs).pools
-        return [list(s) for s in 1 / np.cumprod(np.vstack(pools), axis=0)][:-1]

@@ -19,7 +19,7 @@ from typing import List
 import torch
 
 from nnssl.training.schedules import LRSchedule
-from nnssl.training.trainers import TRAINERS, nnsslTrainer, register_trainer
+from nnssl.training.trainers.base import nnsslTrainer, register_trainer
 
 LOGONET_INITIAL_LR = 1e-4
 LOGONET_WEIGHT_DECAY = 1e-5
@@ -49,6 +49,7 @@ def warmup_epochs_for(num_epochs: int) -> int:
     return max(1, round(WARMUP_FRACTION * num_epochs))
 
 
+@register_trainer
 class nnsslTrainer_LoGoNet(nnsslTrainer):
     """ULKANet / LoGoNet fine-tuning: AdamW lr 1e-4, warm-up + cosine, Dice + CE 1:1, no deep supervision."""
 
@@ -68,8 +69,3 @@ class nnsslTrainer_LoGoNet(nnsslTrainer):
                                f"to 0 at epoch {self.num_epochs}")
         return optimizer, EpochWarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
 
-
-# Stock nnU-Net's trainer search (nnUNet_extTrainer) may import this file a second time under the
-# top-level name ``trainers_logonet`` while nnssl.training.trainers is the same module: register once.
-if nnsslTrainer_LoGoNet.__name__ not in TRAINERS:
-    register_trainer(nnsslTrainer_LoGoNet)

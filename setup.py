@@ -29,6 +29,8 @@ COMMANDS = {
     "nnssl_predict": "predict",
     "nnssl_evaluate": "evaluate",
     "nnssl_compare": "compare",
+    "nnssl_export_pretrained": "export_pretrained",
+    "nnssl_benchmark_ssl": "benchmark_ssl",
 }
 
 setup(
@@ -50,7 +52,9 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    # monai is test-only: the MONAI parity tests (SwinUNETR, UNETR state dicts) compare against it;
+    # nnssl itself never imports it.
+    extras_require={"dev": ["pytest>=7", "monai>=1.3"]},
     entry_points={
         "console_scripts": [f"{cmd} = nnssl.cli.{mod}:main" for cmd, mod in COMMANDS.items()]
     },

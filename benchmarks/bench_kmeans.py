@@ -61,7 +61,7 @@ def run_one(n_volumes: int, n_clusterers: int, shape, threads, init: str, queue)
         rss0 = _rss_mib()
         depths = pl.volume_depths(dataset, ids)
         draw = pl.draw_clustering(len(ids), 0, cfg)
-        n_fit = int(sum(depths[i] for i in draw.fit_cases))
+        n_fit = int(sum(depths[i] for i in draw.pass_cases[0]))  # the pass that initializes the centres
         sizes = [min(int(k), n_fit) for k in draw.cluster_sizes]
 
         tracemalloc.start()

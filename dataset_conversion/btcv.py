@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnssl.dataset_conversion import _staging
-from nnssl.dataset_conversion.validation import (check_3d, check_finite_image, check_label_values,
+from nnssl.dataset_conversion.validation import (check_3d, check_finite_image, check_label_values, check_pairs,
                                                  check_same_geometry, header_of, read_image, require_folder)
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, write_json
@@ -66,14 +66,11 @@ def find_btcv_cases(raw_data: str) -> Tuple[List[Case], List[Case]]:
     images, labels = _numbered_files(img_dir, "img"), _numbered_files(label_dir, "label")
     if not images:
         raise NnsslError(f"'{img_dir}' holds no BTCV images (img0001.nii.gz, ...). Check the -i folder ({layout}).")
-    for num, path in images.items():
-        if num not in labels:
-            raise NnsslError(f"'{path}' has no label file label{num:04d}.nii.gz in '{label_dir}'. Add the label "
-                             f"or move the image out of Training/img (unlabeled scans belong in Testing/img).")
-    for num, path in labels.items():
-        if num not in images:
-            raise NnsslError(f"'{path}' has no image img{num:04d}.nii.gz in '{img_dir}'. Add the image or remove "
-                             f"the label.")
+    check_pairs(images, labels,
+                lambda num, path: f"'{path}' has no label file label{num:04d}.nii.gz in '{label_dir}'. Add the label "
+                                  f"or move the image out of Training/img (unlabeled scans belong in Testing/img).",
+                lambda num, path: f"'{path}' has no image img{num:04d}.nii.gz in '{img_dir}'. Add the image or "
+                                  f"remove the label.")
     train = [(n, images[n], labels[n]) for n in sorted(images)]
     test_dir = os.path.join(raw_data, "Testing", "img")
     test_images = _numbered_files(test_dir, "img") if os.path.isdir(test_dir) else {}

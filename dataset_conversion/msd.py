@@ -21,8 +21,8 @@ from tqdm import tqdm
 from nnssl import paths
 from nnssl.dataset_conversion import _staging
 from nnssl.dataset_conversion.validation import (ImageHeader, check_3d, check_finite_image,
-                                                 check_label_values, check_same_geometry, header_of, read_image,
-                                                 require_folder)
+                                                 check_label_values, check_pairs, check_same_geometry, header_of,
+                                                 read_image, require_folder)
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 
@@ -79,13 +79,11 @@ def find_msd_cases(task_dir: str, dj: dict) -> Tuple[List[Tuple[str, str]], List
     images, labels = _nii_gz_files(sub["imagesTr"]), _nii_gz_files(sub["labelsTr"])
     if not images:
         raise NnsslError(f"'{sub['imagesTr']}' holds no .nii.gz images. Check the -i folder.")
-    for fname, path in images.items():
-        if fname not in labels:
-            raise NnsslError(f"'{path}' has no label '{os.path.join(sub['labelsTr'], fname)}'. Add it or move the "
-                             f"image to imagesTs.")
-    for fname, path in labels.items():
-        if fname not in images:
-            raise NnsslError(f"'{path}' has no image in '{sub['imagesTr']}'. Add the image or remove the label.")
+    check_pairs(images, labels,
+                lambda fname, path: f"'{path}' has no label '{os.path.join(sub['labelsTr'], fname)}'. Add it or move "
+                                    f"the image to imagesTs.",
+                lambda fname, path: f"'{path}' has no image in '{sub['imagesTr']}'. Add the image or remove the "
+                                    f"label.")
     if dj["numTraining"] != len(images):
         raise NnsslError(f"'{os.path.join(task_dir, 'dataset.json')}' says numTraining is {dj['numTraining']} but "
                          f"'{sub['imagesTr']}' holds {len(images)} images. Fix numTraining or add the missing cases.")

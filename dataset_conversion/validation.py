@@ -18,13 +18,15 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnssl.errors import NnsslError
+
+K = TypeVar("K")
 
 # nnU-Net compares geometry with np.allclose (rtol 1e-5, atol 1e-8).
 # Assumption: atol 1e-6 (ITK's own default coordinate/direction tolerance) instead of 1e-8, so
@@ -360,17 +362,29 @@ def validate_raw_dataset(folder: str, full: bool = True, progress: bool = True) 
     return {"cases": sorted(cases), "test_cases": sorted(test_cases), "unlabeled": unlabeled}
 
 
+def check_pairs(images: Dict[K, str], labels: Dict[K, str], no_label: Callable[[K, str], str],
+                no_image: Callable[[K, str], str]) -> None:
+    """Every image has a label and every label an image (matched by key); NnsslError for the first
+    that does not (in key order), with the message ``no_label(key, image path)`` or
+    ``no_image(key, label path)``: the one pairing check of every converter and of the raw-data check."""
+    for key in sorted(images):
+        if key not in labels:
+            raise NnsslError(no_label(key, images[key]))
+    for key in sorted(labels):
+        if key not in images:
+            raise NnsslError(no_image(key, labels[key]))
+
+
 def _label_files(folder: str, cases: Iterable[str], fe: str) -> Dict[str, str]:
     labels_tr = os.path.join(folder, "labelsTr")
     require_folder(labels_tr, "labelsTr folder", "Put one label file per training case there, or mark an unlabeled "
                    "dataset with \"nnssl_unlabeled\": true in dataset.json.")
-    out = {c: os.path.join(labels_tr, c + fe) for c in cases}
-    for c, p in out.items():
-        if not os.path.isfile(p):
-            raise NnsslError(f"Training case '{c}' has no label file '{p}'. Add it or remove the case's images.")
-    orphans = sorted(f for f in os.listdir(labels_tr) if f.endswith(fe) and not f.startswith(".")
-                     and f[:-len(fe)] not in out)
-    if orphans:
-        raise NnsslError(f"'{os.path.join(labels_tr, orphans[0])}' has no image in imagesTr "
-                         f"(expected {orphans[0][:-len(fe)]}_0000{fe}). Add the image or remove the label.")
-    return out
+    expected = {c: os.path.join(labels_tr, c + fe) for c in cases}
+    present = {f[:-len(fe)]: os.path.join(labels_tr, f) for f in os.listdir(labels_tr)
+               if f.endswith(fe) and not f.startswith(".")}
+    check_pairs({c: expected[c] for c in cases}, present,
+                lambda c, _: f"Training case '{c}' has no label file '{expected[c]}'. Add it or remove the case's "
+                             f"images.",
+                lambda c, p: f"'{p}' has no image in imagesTr (expected {c}_0000{fe}). Add the image or remove the "
+                             f"label.")
+    return expected

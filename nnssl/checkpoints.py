@@ -17,12 +17,20 @@ A pretraining checkpoint is a torch file that loads with ``torch.load(path, weig
   the excluded output-conv weights, the loss history.
 
 A JSON copy of the metadata (everything but tensors and resume state) is written beside it.
+
+Plans check (:func:`compare_plans`): fine-tuning compares the plans facts the checkpoint was
+pretrained under with those of the fine-tuning plans. Differences that change what the network
+sees (target spacing, ``transpose_forward``, normalization schemes, ``use_mask_for_norm``, the
+intensity statistics a scheme normalizes with, e.g. CTNormalization's clipping percentiles, mean
+and std) are *refused*; the others (plans name, configuration name, data identifier, patch size,
+statistics no scheme uses) are *harmless* and only reported.
 """
 import dataclasses
 import hashlib
 import os
 import shutil
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -32,7 +40,7 @@ from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, write_json
 
 CHECKPOINT_VERSION = 1
-EXCLUDED_KEY_PARTS = (".seg_layers.",)  # the same rule as nnU-Net's load_pretrained_weights
+OUTPUT_HEAD_KEY_PART = ".seg_layers."  # the same rule as nnU-Net's load_pretrained_weights
 _PREFIXES = ("module.", "_orig_mod.")
 METADATA_KEYS = ("nnssl_checkpoint_version", "architecture", "plans_name", "configuration", "data_identifier",
                  "normalization", "input_channels", "method", "pretraining_data", "dataset", "iteration",
@@ -66,20 +74,49 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    while hasattr(network, "module") and isinstance(network, nn.parallel.DistributedDataParallel):
-        network = network.module
-    return getattr(network, "_orig_mod", network)
+def is_output_head(key: str) -> bool:
+    """Whether a state-dict key belongs to the output convolutions (never saved as transferable,
+    never injected): 'decoder.seg_layers.0.weight' -> True."""
+    return OUTPUT_HEAD_KEY_PART in key
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and torch.compile wrappers (in any nesting)."""
+    while True:
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
 
 
 def split_network_state(network: nn.Module):
     """(transferable weights, excluded output-conv weights), both CPU state dicts with clean keys."""
     keep, excluded = {}, {}
-    for k, v in _unwrap(network).state_dict().items():
+    for k, v in unwrap_network(network).state_dict().items():
         k = strip_prefixes(k)
-        target = excluded if any(p in k for p in EXCLUDED_KEY_PARTS) else keep
+        target = excluded if is_output_head(k) else keep
         target[k] = v.detach().to("cpu", copy=True)
     return keep, excluded
+
+
+def plans_facts(plans_manager, configuration_name: str) -> dict:
+    """What a plans configuration says about the images the network sees: ``{plans_name,
+    configuration, data_identifier, normalization: {...}}`` (the checkpoint's keys of the same names)."""
+    cm = plans_manager.get_configuration(configuration_name)
+    return to_plain({
+        "plans_name": plans_manager.plans_name,
+        "configuration": configuration_name,
+        "data_identifier": cm.data_identifier,
+        "normalization": {
+            "normalization_schemes": cm.normalization_schemes,
+            "use_mask_for_norm": cm.use_mask_for_norm,
+            "foreground_intensity_properties_per_channel":
+                plans_manager.plans.get("foreground_intensity_properties_per_channel"),
+            "spacing": cm.spacing, "patch_size": cm.patch_size, "transpose_forward": plans_manager.transpose_forward,
+        },
+    })
 
 
 def checkpoint_metadata(*, architecture_name: str, plans_manager, configuration_name: str, input_channels: int,
@@ -87,21 +124,12 @@ def checkpoint_metadata(*, architecture_name: str, plans_manager, configuration_
                         iteration: int, seed: int) -> dict:
     """Everything but the tensors, as plain Python values (nnU-Net PlansManager for the plans facts)."""
     cm = plans_manager.get_configuration(configuration_name)
-    plans = plans_manager.plans
     return to_plain({
         "nnssl_checkpoint_version": CHECKPOINT_VERSION,
         "architecture": {"name": architecture_name, "network_class_name": cm.network_arch_class_name,
                          "arch_kwargs": cm.network_arch_init_kwargs,
                          "_kw_requires_import": cm.network_arch_init_kwargs_req_import},
-        "plans_name": plans_manager.plans_name,
-        "configuration": configuration_name,
-        "data_identifier": cm.data_identifier,
-        "normalization": {
-            "normalization_schemes": cm.normalization_schemes,
-            "use_mask_for_norm": cm.use_mask_for_norm,
-            "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
-            "spacing": cm.spacing, "patch_size": cm.patch_size, "transpose_forward": plans_manager.transpose_forward,
-        },
+        **plans_facts(plans_manager, configuration_name),
         "input_channels": int(input_channels),
         "method": {"name": method_name, "config": method_config},
         "pretraining_data": pretraining_data,
@@ -141,8 +169,12 @@ def publish_final(latest: str, final: str) -> None:
 def _load_weights_only(path: str) -> dict:
     if not os.path.isfile(path):
         raise NnsslError(f"Checkpoint {path} does not exist; pass the path of a pretraining checkpoint_final.pth.")
+    from nnssl.sharing import load_checkpoint_file  # a model archive (.zip) is accepted wherever a checkpoint is
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint_file(path)
+    except NnsslError:
+        raise
     except Exception as e:  # truncated file, not a torch file, or unsafe pickled objects
         raise NnsslError(
             f"Checkpoint {path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
@@ -217,7 +249,7 @@ def load_resume_checkpoint(path: str) -> dict:
 def restore_network(network: nn.Module, ckpt: dict) -> None:
     """Load the full network (transferable weights + excluded output convs) from a resume checkpoint."""
     state = {**ckpt["network_weights"], **ckpt["resume"]["network_excluded"]}
-    _unwrap(network).load_state_dict(state, strict=True)
+    unwrap_network(network).load_state_dict(state, strict=True)
 
 
 def weights_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -228,3 +260,80 @@ def weights_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# Relative tolerance for float facts (spacing, intensity statistics): plans written by the same
+# planner from the same data agree exactly; a JSON round trip must not count as a difference.
+PLANS_RTOL = 1e-6
+
+
+@dataclass
+class PlansComparison:
+    """The result of :func:`compare_plans`: one line per difference, checkpoint value first."""
+    refused: List[str] = field(default_factory=list)  # change what the network sees
+    harmless: List[str] = field(default_factory=list)  # reported only
+
+    def to_dict(self) -> dict:
+        return {"refused": list(self.refused), "harmless": list(self.harmless)}
+
+
+def _close(a, b) -> bool:
+    try:
+        return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
+                                rtol=PLANS_RTOL, atol=0.0))
+    except (TypeError, ValueError):  # different lengths or non-numbers
+        return False
+
+
+def scheme_uses_intensity_statistics(scheme: str) -> bool:
+    """Whether nnU-Net's normalization ``scheme`` reads the plans' foreground intensity statistics
+    (CTNormalization and subclasses clip and scale with them; z-score and rescaling do not).
+    Unknown schemes count as using them, so a difference is refused rather than missed."""
+    from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+    cls = getattr(schemes, str(scheme), None)
+    if not isinstance(cls, type) or not issubclass(cls, schemes.ImageNormalization):
+        return True
+    return issubclass(cls, schemes.CTNormalization)
+
+
+# The statistics CTNormalization reads (nnU-Net's default_normalization_schemes).
+CT_STATISTICS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+
+
+def compare_plans(pretrained: dict, fine_tuning: dict) -> PlansComparison:
+    """Compare two plans facts dicts (:func:`plans_facts`; a checkpoint has the same keys).
+
+    Refused: spacing, transpose_forward, normalization schemes, use_mask_for_norm, and per channel
+    the intensity statistics its scheme uses. Harmless: plans name, configuration, data identifier,
+    patch size (the network's kwargs are compared separately, exactly), unused statistics.
+    """
+    out = PlansComparison()
+    a, b = to_plain(pretrained["normalization"]), to_plain(fine_tuning["normalization"])
+
+    def diff(kind: List[str], what: str, x, y) -> None:
+        kind.append(f"{what}: checkpoint {x!r}, fine-tuning {y!r}")
+
+    if not _close(a.get("spacing"), b.get("spacing")):
+        diff(out.refused, "spacing", a.get("spacing"), b.get("spacing"))
+    for key in ("transpose_forward", "normalization_schemes", "use_mask_for_norm"):
+        if a.get(key) != b.get(key):
+            diff(out.refused, key, a.get(key), b.get(key))
+    stats_a = a.get("foreground_intensity_properties_per_channel") or {}
+    stats_b = b.get("foreground_intensity_properties_per_channel") or {}
+    schemes = b.get("normalization_schemes") or []
+    for ch in sorted(set(stats_a) | set(stats_b), key=str):
+        sa, sb = stats_a.get(ch, {}), stats_b.get(ch, {})
+        used = int(ch) < len(schemes) and scheme_uses_intensity_statistics(schemes[int(ch)])
+        for stat in sorted(set(sa) | set(sb)):
+            if not _close(sa.get(stat), sb.get(stat)):
+                refused = used and stat in CT_STATISTICS
+                diff(out.refused if refused else out.harmless,
+                     f"channel {ch} intensity {stat}{'' if refused else ' (not used by its normalization)'}",
+                     sa.get(stat), sb.get(stat))
+    for key in ("plans_name", "configuration", "data_identifier"):
+        if pretrained.get(key) != fine_tuning.get(key):
+            diff(out.harmless, key, pretrained.get(key), fine_tuning.get(key))
+    if a.get("patch_size") != b.get("patch_size"):
+        diff(out.harmless, "patch size", a.get("patch_size"), b.get("patch_size"))
+    return out

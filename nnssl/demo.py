@@ -1,20 +1,28 @@
 """The main job on the embedded default: synthetic data through the whole nnssl pipeline.
 
 synthetic BTCV-like data -> convert (labeled + unlabeled) -> plan/preprocess (the unlabeled
-set with the target's plans) -> Volume Fusion pretraining -> fine-tuning from the checkpoint
-and from scratch with the same budget -> prediction of the test cases -> evaluation ->
-comparison report.
+set with the target's plans) -> Volume Fusion pretraining (and its pretext preview,
+``pretext.png``) -> fine-tuning from the checkpoint and from scratch with the same budget and
+the short-budget recipe (``nnsslTrainer_Short``) -> prediction of the test cases ->
+evaluation -> comparison report (tables and ``report.png`` with the learning curves of both
+runs) -> a plain verdict (does the pretrained start beat scratch?) and where every picture is.
 
 Each step is skipped when its output already exists, so an interrupted demo resumes where it
 stopped. The demo uses its own nnU-Net folder tree under the output directory (it never
 touches the user's nnUNet_raw/preprocessed/results) and the ``tiny`` network preset, so it
 runs on 2 CPU cores. The two fine-tuning runs get separate results trees because nnU-Net
 names a result folder by trainer, plans and configuration only.
+
+Speed on 2 cores (benchmarks/bench_iteration_profile.py): nnU-Net's augmentation runs in the
+main process (``nnUNet_n_proc_DA=0`` unless the user set it; loader worker processes compete
+with torch's threads for the two cores and made an iteration ~40 % slower), the final
+validation on the training cases is skipped (fold ``all`` validates on its own training data,
+and the test cases are evaluated anyway), and prediction runs sequentially in this process.
 """
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Tuple
 
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
@@ -34,12 +42,22 @@ class DemoSettings:
     architecture: str = "plainconvunet"
     method: str = "volume_fusion"
     preset: str = "tiny"
+    trainer: str = "nnsslTrainer_Short"
 
 
 FULL = DemoSettings("full", cases=6, test_cases=3, unlabeled=10, pretrain_iterations=200,
-                    finetune_epochs=10, iterations_per_epoch=20, shape=(32, 64, 64))
+                    finetune_epochs=30, iterations_per_epoch=20, shape=(32, 64, 64))
 FAST = DemoSettings("fast", cases=3, test_cases=1, unlabeled=3, pretrain_iterations=10,
                     finetune_epochs=2, iterations_per_epoch=5, shape=(24, 48, 48))
+
+PICTURES = (
+    ("report.png", "test Dice of both runs (mean ± std, per organ) and their learning curves (validation pseudo "
+                   "Dice and loss vs iteration): which start learns faster and ends better"),
+    ("pretext.png", "what the pretraining method shows the network: its corrupted input and what it must predict"),
+    ("runs/scratch/fold/progress.png", "nnU-Net's own training plot of the scratch run (loss, pseudo Dice, lr)"),
+    ("runs/PRETRAINED/fold/progress.png", "nnU-Net's own training plot of the pretrained run"),
+    ("pretraining/progress.png", "pretraining loss, learning rate and data-wait fraction vs iteration"),
+)
 
 
 def use_folder_tree(root: str) -> Dict[str, str]:
@@ -54,41 +72,70 @@ def _step(title: str) -> None:
     print(f"\n=== nnssl demo: {title} ===", flush=True)
 
 
-def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
+def prepare_data(s: DemoSettings, root: str) -> Tuple[Dict[str, str], str]:
+    """Synthetic data, conversion, planning and preprocessing under ``root``; returns (tree, labelsTs folder)."""
     from nnssl.dataset_conversion.btcv import convert_btcv
     from nnssl.dataset_conversion.synthetic import write_synthetic_btcv
     from nnssl.dataset_conversion.unlabeled import convert_unlabeled
     from nnssl.datasets import known_datasets
-    from nnssl.evaluation.compare import compare_runs
-    from nnssl.evaluation.evaluate import evaluate_folder
-    from nnssl.inference.predict import predict
     from nnssl.planning.api import plan_and_preprocess
-    from nnssl.training.finetune import train
-    from nnssl.training.pretrainer import pretrain
 
-    s = FAST if fast else FULL
-    root = os.path.join(os.path.abspath(out_dir), s.name)  # fast and full runs never share data
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NnsslError(f"Demo output '{out_dir}' exists and is not a folder; pass another -o.")
     tree = use_folder_tree(root)
-    t0 = time.time()
-
     _step("synthetic BTCV-like data (original BTCV layout + unlabeled volumes)")
     src = write_synthetic_btcv(os.path.join(root, "synthetic"), cases=s.cases, test_cases=s.test_cases,
                                unlabeled=s.unlabeled, seed=s.seed, shape=s.shape)
-
     _step("convert to nnU-Net format")
     existing = known_datasets(("raw",))
     if "Dataset001_BTCV" not in existing:
         convert_btcv(src["raw_data"], dataset_id=1)
     if "Dataset002_CTUnlabeled" not in existing:
         convert_unlabeled(src["unlabeled"], dataset_id=2, name="CTUnlabeled")
-
     labels_ts = copy_test_labels(src["testing_labels"], os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV"))
-
     _step("fingerprint, plan and preprocess (unlabeled data with the target's plans)")
     plan_and_preprocess("BTCV", architectures=[s.architecture], pretraining=["CTUnlabeled"], preset=s.preset,
                         num_processes=1)
+    return tree, labels_ts
+
+
+def finetune_and_test(s: DemoSettings, tree: Dict[str, str], labels_ts: str, run_root: str, pretrained) -> str:
+    """Fine-tune fold 'all' (resuming an interrupted run), predict and evaluate the test cases; returns the
+    prediction folder."""
+    from nnssl.evaluation.evaluate import evaluate_folder
+    from nnssl.inference.predict import predict
+    from nnssl.training.finetune import train
+
+    os.environ["nnUNet_results"] = os.path.join(run_root, "nnUNet_results")
+    fold_dir = _fold_dir(run_root)
+    if fold_dir is None or not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+        resume = fold_dir is not None and os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth"))
+        fold_dir = train("BTCV", "3d_fullres", "all", architecture=s.architecture, trainer=s.trainer,
+                         pretrained=None if resume else pretrained, epochs=s.finetune_epochs,
+                         iterations_per_epoch=s.iterations_per_epoch, val_iterations=1, device="cpu",
+                         continue_training=resume, final_validation=False)["output_folder"]
+    pred_dir = os.path.join(run_root, "test_predictions")
+    if not os.path.isfile(os.path.join(pred_dir, "summary.json")):
+        predict(os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV", "imagesTs"), pred_dir, "BTCV", folds=("all",),
+                architecture=s.architecture, trainer=s.trainer, device="cpu", disable_tta=True, npp=0, nps=0)
+        evaluate_folder(labels_ts, pred_dir, "BTCV", num_processes=1)
+    write_json({"label": os.path.basename(run_root), "architecture": s.architecture, "trainer": s.trainer,
+                "method": s.method if pretrained else "none (scratch)",
+                "pretraining_data": "Dataset002_CTUnlabeled" if pretrained else "none",
+                "fold_dir": fold_dir}, os.path.join(pred_dir, "nnssl_run.json"))
+    return pred_dir
+
+
+def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
+    from nnssl.evaluation.compare import compare_runs
+    from nnssl.training.pretext_preview import show_pretext
+    from nnssl.training.pretrainer import pretrain
+
+    s = FAST if fast else FULL
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NnsslError(f"Demo output '{out_dir}' exists and is not a folder; pass another -o.")
+    root = os.path.join(os.path.abspath(out_dir), s.name)  # fast and full runs never share data
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")  # see the module docstring
+    t0 = time.time()
+    tree, labels_ts = prepare_data(s, root)
 
     _step(f"{s.method} pretraining on the unlabeled set ({s.pretrain_iterations} iterations)")
     pre_dir = os.path.join(root, "pretraining")
@@ -98,39 +145,64 @@ def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
         pretrain("BTCV", s.method, s.architecture, "CTUnlabeled", iterations=s.pretrain_iterations,
                  iterations_per_epoch=max(1, s.pretrain_iterations // 5), batch_size=2, device="cpu",
                  resume=resume, seed=s.seed, output_folder=pre_dir)
+    pretext = os.path.join(root, "pretext.png")
+    if not os.path.isfile(pretext):
+        show_pretext("BTCV", s.method, pretext, architecture=s.architecture, pretraining_data="CTUnlabeled",
+                     seed=s.seed)
 
-    runs = {"scratch": None, s.method: ckpt}
     run_folders = []
-    for label, pretrained in runs.items():
-        _step(f"fine-tune '{label}': {s.finetune_epochs} epochs x {s.iterations_per_epoch} iterations")
-        run_root = os.path.join(root, "runs", label)
-        os.environ["nnUNet_results"] = os.path.join(run_root, "nnUNet_results")
-        fold_dir = _fold_dir(run_root)
-        if fold_dir is None or not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
-            resume = fold_dir is not None and os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth"))
-            fold_dir = train("BTCV", "3d_fullres", "all", architecture=s.architecture,
-                             pretrained=None if resume else pretrained, epochs=s.finetune_epochs,
-                             iterations_per_epoch=s.iterations_per_epoch, val_iterations=1, device="cpu",
-                             continue_training=resume)["output_folder"]
-        pred_dir = os.path.join(run_root, "test_predictions")
-        _step(f"predict the test cases with '{label}'")
-        predict(os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV", "imagesTs"), pred_dir, "BTCV",
-                folds=("all",), architecture=s.architecture, device="cpu", disable_tta=True, npp=1, nps=1)
-        evaluate_folder(labels_ts, pred_dir, "BTCV", num_processes=1)
-        write_json({"label": label, "architecture": s.architecture,
-                    "method": s.method if pretrained else "none (scratch)",
-                    "pretraining_data": "Dataset002_CTUnlabeled" if pretrained else "none",
-                    "fold_dir": fold_dir}, os.path.join(pred_dir, "nnssl_run.json"))
-        run_folders.append(pred_dir)
+    for label, pretrained in (("scratch", None), (s.method, ckpt)):
+        _step(f"fine-tune '{label}' ({s.trainer}): {s.finetune_epochs} epochs x {s.iterations_per_epoch} "
+              f"iterations, then predict the test cases")
+        run_folders.append(finetune_and_test(s, tree, labels_ts, os.path.join(root, "runs", label), pretrained))
+    os.environ["nnUNet_results"] = tree["nnUNet_results"]
 
     _step("compare")
     report = compare_runs(run_folders, os.path.join(root, "report"))
     print("\n" + report["markdown"])
-    print(f"\nnnssl demo finished in {time.time() - t0:.0f} s.\nReport: {root}/report.md, report.csv, "
-          f"report.png\nPretext preview: nnssl_show_pretext -d BTCV -m {s.method} -o preview.png "
-          f"(with nnUNet_raw/preprocessed/results set to the folders under {root})")
-    os.environ["nnUNet_results"] = tree["nnUNet_results"]
-    return {"root": root, "report": report, "runs": run_folders}
+    print("\n" + verdict(run_folders, s.method))
+    print(f"\nnnssl demo finished in {time.time() - t0:.0f} s.")
+    print(pictures_message(root, run_folders))
+    return {"root": root, "report": report, "runs": run_folders, "pictures": existing_pictures(root, run_folders)}
+
+
+def _foreground_dice(pred_dir: str) -> float:
+    import json
+    with open(os.path.join(pred_dir, "summary.json")) as f:
+        return float(json.load(f)["foreground_mean"]["Dice"])
+
+
+def verdict(run_folders: List[str], method: str) -> str:
+    """One plain sentence: is the pretrained start better or worse than scratch on the test cases?"""
+    scratch, pre = (_foreground_dice(p) for p in run_folders)
+    diff = pre - scratch
+    if diff < 0:
+        return (f"The {method}-pretrained start is WORSE than scratch here: test mean Dice {pre:.3f} vs {scratch:.3f} "
+                f"({diff:+.3f}). One seed at a tiny budget; nnssl_benchmark_ssl measures it over seeds.")
+    return (f"The {method}-pretrained start is better than scratch here: test mean Dice {pre:.3f} vs {scratch:.3f} "
+            f"({diff:+.3f}). One seed at a tiny budget; nnssl_benchmark_ssl tells this from noise over seeds.")
+
+
+def existing_pictures(root: str, run_folders: List[str]) -> List[Tuple[str, str]]:
+    """(absolute path, what it shows) for every picture the demo wrote that exists."""
+    import json
+    out = []
+    for rel, what in PICTURES:
+        if rel.startswith("runs/"):
+            which = 0 if "/scratch/" in rel else 1
+            with open(os.path.join(run_folders[which], "nnssl_run.json")) as f:
+                path = os.path.join(json.load(f)["fold_dir"], "progress.png")
+        else:
+            path = os.path.join(root, rel)
+        if os.path.isfile(path):
+            out.append((path, what))
+    return out
+
+
+def pictures_message(root: str, run_folders: List[str]) -> str:
+    lines = ["Pictures:"] + [f"  {path}\n      {what}." for path, what in existing_pictures(root, run_folders)]
+    lines.append(f"Tables: {os.path.join(root, 'report.md')} and report.csv")
+    return "\n".join(lines)
 
 
 def copy_test_labels(testing_labels: str, dataset_folder: str) -> str:

@@ -38,11 +38,30 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
                         total_parts: Optional[int] = None, verify_dataset_integrity: bool = False,
                         no_pp: bool = False, preset: Optional[str] = None,
                         gpu_memory_target: Optional[float] = None, clean: bool = False,
-                        show_progress: bool = True) -> Dict[str, object]:
+                        show_progress: bool = True, generic: bool = False, spacing=None,
+                        ct_window=None, zscore: bool = False, patch=None, like: Optional[str] = None) -> Dict[str, object]:
     """Plan and preprocess ``dataset`` (ID, full or short name); returns what was written:
     ``{"dataset", "plans": {arch: plans file}, "data": {data_identifier: folder},
     "pretraining": {source: {configuration: folder}}}``.
+
+    ``generic``: plan an unlabeled pool on its own (``planning/generic.py``; ``spacing``,
+    ``ct_window``, ``zscore``, ``patch`` apply). ``like``: plan the labeled ``dataset`` like a pretraining
+    checkpoint or model archive (``planning/like.py``) instead of with ``architectures``.
     """
+    if generic or spacing is not None or ct_window is not None or zscore or patch is not None:
+        if not generic:
+            raise NnsslError("--spacing, --ct_window, --zscore and --patch plan an unlabeled pool on its own: add --generic "
+                             "(a labeled dataset is planned by nnU-Net's rules, or --like a checkpoint).")
+        if like is not None or pretraining:
+            raise NnsslError("--generic plans the pool itself (its images are its pretraining data): drop --like/-pd.")
+        from nnssl.planning.generic import MIS_FM_CT_WINDOW, plan_and_preprocess_generic
+
+        return plan_and_preprocess_generic(
+            dataset, architectures, spacing=spacing, ct_window=ct_window or MIS_FM_CT_WINDOW, zscore=zscore,
+            patch=patch, configuration=configurations[0],
+            num_processes=default_num_processes if num_processes is None else int(num_processes), part=part,
+            total_parts=total_parts, verify_dataset_integrity=verify_dataset_integrity, no_pp=no_pp, preset=preset,
+            gpu_memory_target=gpu_memory_target, clean=clean, show_progress=show_progress)
     paths.ensure_paths()
     num_processes = default_num_processes if num_processes is None else int(num_processes)
     if num_processes < 1:
@@ -67,8 +86,12 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
         _validate(target, [s for s in sources if s != INTASK], verify_dataset_integrity, show_progress)
     if part is None:
         _fingerprint(target, num_processes, clean, show_progress)
-        for spec in specs:
-            _plan(spec, target, gpu_memory_target, preset)
+        if like is None:
+            for spec in specs:
+                _plan(spec, target, gpu_memory_target, preset)
+    if like is not None:
+        return _preprocess_like(target, like, configurations, num_processes, part, total_parts, gpu_memory_target,
+                                show_progress)
     plans = _plans_files(target, specs, rerun_hint)
     data_jobs, pretrain_configs = _configuration_jobs(target, specs, plans, configurations)
     if sources and not pretrain_configs:
@@ -94,6 +117,27 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
             for c in pretrain_configs:
                 result["pretraining"][source][c] = preprocess_pretraining(
                     target, source, pretrain_plans, c, pool, part, total_parts, rerun_hint, show_progress)
+    return result
+
+
+def _preprocess_like(target: str, checkpoint: str, configurations: Sequence[str], num_processes: int,
+                     part: Optional[int], total_parts: Optional[int], gpu_memory_target: Optional[float],
+                     show_progress: bool) -> Dict[str, object]:
+    """Plans like the checkpoint (written once; parts reuse them) and the labeled data preprocessed with them."""
+    from nnssl.planning.like import like_plans_file, write_like_plans
+
+    plans_file = like_plans_file(target, checkpoint)
+    hint = f"nnssl_plan_and_preprocess -d {target} --like {checkpoint}"
+    if part is None:
+        plans_file = write_like_plans(target, checkpoint, gpu_memory_target)
+    elif not os.path.isfile(plans_file):
+        raise NnsslError(f"Plans file {plans_file} does not exist. With --part, plan first: run `{hint} --no_pp` once.")
+    pm = PlansManager(plans_file)
+    result = {"dataset": target, "plans": {"like": plans_file}, "data": {}, "pretraining": {}}
+    with CasePool(num_processes) as pool:
+        for c in (c for c in configurations if c in pm.available_configurations):
+            result["data"][pm.get_configuration(c).data_identifier] = preprocess_labeled(
+                target, plans_file, c, pool, part, total_parts, hint, show_progress)
     return result
 
 
@@ -162,3 +206,23 @@ def _configuration_jobs(target: str, specs, plans: Dict[str, str], configuration
             jobs.setdefault(_data_identifier(plans[s.name], c), (plans[s.name], c))
     pretrain_configs: List[str] = [c for c in dict.fromkeys(configurations) if c in available[specs[0].name]]
     return jobs, pretrain_configs
+
+
+def details_log(dataset) -> str:
+    """Where nnU-Net's planning printouts (plans dictionaries, configurations) of ``dataset`` go when the
+    console is quiet (``nnssl_plan_and_preprocess`` without ``--verbose``, the demo)."""
+    paths.ensure_paths()
+    return os.path.join(paths.preprocessed(), datasets.resolve(dataset, where=("raw",)),
+                        "nnssl_plan_and_preprocess.log")
+
+
+def plans_summary(plans_file: str) -> List[str]:
+    """One line per configuration of a plans file: patch size, batch size, spacing, network class."""
+    pm = PlansManager(plans_file)
+    lines = []
+    for c in pm.available_configurations:
+        cm = pm.get_configuration(c)
+        spacing = ", ".join(f"{float(s):.3g}" for s in cm.spacing)
+        lines.append(f"{os.path.basename(plans_file)} {c}: patch {list(map(int, cm.patch_size))}, batch "
+                     f"{cm.batch_size}, spacing [{spacing}], {cm.network_arch_class_name.rsplit('.', 1)[-1]}")
+    return lines

@@ -9,7 +9,13 @@ planner (through :class:`_NnsslPlannerMixin`):
   in the registered :class:`~nnssl.architectures.spec.ArchitectureSpec` whose ``planner`` is
   this class; the preset name is recorded as the top-level ``"nnssl_preset"`` key;
 - writes its plans file atomically (nnU-Net's own ``save_plans`` does the writing, into a
-  temporary name that is then renamed).
+  temporary name that is then renamed);
+- answers :meth:`~_NnsslPlannerMixin.network_for_patch`, the hook behind
+  :func:`nnssl.architectures.build_network`: the plans' ``architecture`` block the planner
+  would write for a given patch and spacing. It runs the planner's own
+  ``get_plans_for_configuration`` (the very code that plans a dataset) with the patch as the
+  median image shape and the memory budget lifted, on a planner made by
+  :meth:`~_NnsslPlannerMixin.without_dataset`, so planning and ``build_network`` cannot drift.
 
 :class:`nnsslArchitecturePlanner` plans a network that is not one of nnU-Net's U-Nets: a
 subclass only names the network class and says how its kwargs and its patch divisibility
@@ -17,12 +23,17 @@ follow from the patch size and spacing.
 """
 import contextlib
 import io
+import json
 import os
 import shutil
-from typing import ClassVar, Dict, Optional, Tuple
+import tempfile
+from typing import ClassVar, Dict, Optional, Sequence, Tuple
+from unittest import mock
 
 import numpy as np
+from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
     nnUNetPlannerResEncM,
 )
@@ -34,6 +45,10 @@ from nnssl.io import atomic_path
 # nnU-Net's own data identifier prefix: configurations that share it share preprocessed data.
 SHARED_DATA_PREFIX = "nnUNetPlans"
 _UNBOUNDED_GB = 1e12  # finite: nnU-Net computes a batch size from it (then capped by the dataset size)
+# The stand-in dataset of a planner made without a dataset (build_network); never written to nnUNet_raw.
+_STANDIN_DATASET = "Dataset999_nnsslBuildNetwork"
+# The spacing build_network plans for when none is given (isotropic: no axis is treated as thick).
+ISOTROPIC_SPACING = (1.0, 1.0, 1.0)
 
 
 def registered_presets(planner_cls: type) -> Dict[str, Dict[str, object]]:
@@ -93,6 +108,64 @@ class _NnsslPlannerMixin:
     def plans_file(self) -> str:
         return os.path.join(paths.preprocessed(), self.dataset_name, self.plans_identifier + ".json")
 
+    # --- build_network's hook -----------------------------------------------------------
+    @classmethod
+    def without_dataset(cls, input_channels: int = 1, num_classes: int = 2, preset: Optional[str] = None):
+        """This planner for building networks only (no dataset): nnU-Net's own ``__init__`` runs on a
+        stand-in dataset (``input_channels`` CT channels, ``num_classes`` labels, no images) held in
+        a temporary folder, so every attribute a planner sets (widths, blocks, presets) is its own."""
+        with tempfile.TemporaryDirectory(prefix="nnssl_build_network_") as tmp:
+            raw, pre = os.path.join(tmp, "raw"), os.path.join(tmp, "preprocessed")
+            for folder, name, content in (
+                    (raw, "dataset.json", {"channel_names": {str(c): "CT" for c in range(input_channels)},
+                                           "labels": {"background": 0, **{f"class{k}": k for k in range(1, num_classes)}},
+                                           "numTraining": 0, "file_ending": ".nii.gz", "dataset": {}}),
+                    (pre, "dataset_fingerprint.json", {"median_relative_size_after_cropping": 1.0})):
+                os.makedirs(os.path.join(folder, _STANDIN_DATASET))
+                with open(os.path.join(folder, _STANDIN_DATASET, name), "w") as f:
+                    json.dump(content, f)
+            # nnU-Net's planner reads its folders from module globals bound at import time.
+            with mock.patch.object(default_experiment_planner, "nnUNet_raw", raw), \
+                    mock.patch.object(default_experiment_planner, "nnUNet_preprocessed", pre):
+                return cls(_STANDIN_DATASET, preset=preset)
+
+    def network_for_patch(self, patch_size: Sequence[int],
+                          spacing: Sequence[float] = ISOTROPIC_SPACING) -> dict:
+        """The plans' ``architecture`` block (``network_class_name``, ``arch_kwargs``,
+        ``_kw_requires_import``) this planner writes for a 3D ``patch_size`` at ``spacing``;
+        NnsslError when the architecture cannot take that patch (saying what it must be)."""
+        patch = tuple(int(p) for p in patch_size)
+        spacing = tuple(float(s) for s in spacing)
+        if len(patch) != 3 or len(spacing) != 3 or min(patch) < 1 or min(spacing) <= 0:
+            raise NnsslError(f"patch_size {list(patch_size)} / spacing {list(spacing)}: give three positive values "
+                             f"each (a 3D patch [D, H, W] in voxels and its voxel spacing).")
+        budget = self.UNet_vram_target_GB
+        self.UNet_vram_target_GB = _UNBOUNDED_GB  # the patch is given: nothing may shrink it
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                plan = self.get_plans_for_configuration(spacing, patch, "nnssl_build_network",
+                                                        float(np.prod(patch, dtype=np.float64)) * 1e3, {})
+        except NnsslError:
+            plan = None
+        finally:
+            self.UNet_vram_target_GB = budget
+        if plan is None or tuple(int(p) for p in plan["patch_size"]) != patch:
+            raise NnsslError(f"Patch {list(patch)} does not fit {type(self).__name__}: {self.patch_rule(patch, spacing)}.")
+        return plan["architecture"]
+
+    def patch_rule(self, patch_size: Tuple[int, int, int], spacing: Tuple[float, float, float]) -> str:
+        """The patch constraint in words, for error messages. nnU-Net's U-Nets: every axis divisible
+        by 2 ** (number of poolings nnU-Net's topology gives that axis), at most its initial patch
+        (256 voxels per axis at isotropic spacing)."""
+        divisor = get_pool_and_conv_props(spacing, patch_size, self.UNet_featuremap_min_edge_length, 999999)[-1]
+        return (f"nnU-Net's topology for this patch needs every axis divisible by {tuple(int(d) for d in divisor)} "
+                f"(and at most 256 voxels per axis at isotropic spacing)")
+
+    def smallest_patch(self, spacing: Sequence[float] = ISOTROPIC_SPACING) -> Tuple[int, int, int]:
+        """A small patch this planner's network accepts (tests and examples). nnU-Net's U-Nets:
+        16 voxels per axis (two poolings at nnU-Net's minimal feature-map edge of 4)."""
+        return (4 * int(self.UNet_featuremap_min_edge_length),) * 3
+
     def save_plans(self, plans: dict) -> None:
         if self.preset is not None:
             plans["nnssl_preset"] = self.preset
@@ -128,7 +201,20 @@ class nnsslArchitecturePlanner(_NnsslPlannerMixin, ExperimentPlanner):
 
     Subclasses define ``network_class_name`` (dotted path), ``arch_kwargs(patch_size,
     spacing)``, ``patch_divisor(spacing)`` and optionally ``min_patch_size``,
-    ``kw_requires_import`` and ``presets``. The 3D plan starts from nnU-Net's initial patch size
+    ``kw_requires_import`` and ``presets``.
+
+    Contract of these hooks (planning a dataset and :func:`nnssl.architectures.build_network`
+    both go through them, via :meth:`network_for_patch`):
+
+    - ``arch_kwargs`` and ``patch_divisor`` depend only on their arguments and on planner
+      attributes (class attributes, and what a preset overrides); never on the dataset
+      (``self.dataset_json``, the fingerprint): ``build_network`` calls them on a planner made by
+      :meth:`without_dataset`;
+    - ``arch_kwargs(patch, spacing)`` returns JSON-friendly kwargs (lists, not tuples) that build
+      the network with ``cls(input_channels, num_classes, deep_supervision=..., **kwargs)``;
+    - every patch that is a multiple of ``patch_divisor(spacing)`` and at least
+      ``min_patch_size`` must be valid for the network built from those kwargs (the
+      registry-driven test builds every architecture at :meth:`smallest_patch` and runs it). The 3D plan starts from nnU-Net's initial patch size
     for the spacing and median shape (before nnU-Net shrinks it for its own U-Net's memory),
     rounds it to the divisor, shrinks it along the axis that is largest relative to the median
     shape until the network's feature-map estimate fits nnU-Net's reference budget (scaled with
@@ -220,6 +306,16 @@ class nnsslArchitecturePlanner(_NnsslPlannerMixin, ExperimentPlanner):
     def save_plans(self, plans: dict) -> None:
         plans["configurations"].pop("2d", None)
         super().save_plans(plans)
+
+    def patch_rule(self, patch_size: Tuple[int, int, int], spacing: Tuple[float, float, float]) -> str:
+        divisor = np.asarray(self.patch_divisor(spacing), dtype=np.int64)
+        smallest = self._smallest_patch(divisor)
+        return (f"every axis must be divisible by {tuple(int(d) for d in divisor)} and at least "
+                f"{tuple(int(s) for s in smallest)} (at spacing {list(spacing)})")
+
+    def smallest_patch(self, spacing: Sequence[float] = ISOTROPIC_SPACING) -> Tuple[int, int, int]:
+        spacing = tuple(float(s) for s in spacing)
+        return tuple(int(s) for s in self._smallest_patch(np.asarray(self.patch_divisor(spacing), dtype=np.int64)))
 
     # --- helpers ------------------------------------------------------------------------
     def _smallest_patch(self, divisor: np.ndarray) -> np.ndarray:

@@ -106,8 +106,8 @@ def pretrain_tree(tmp_path_factory):
     """Dataset001_Blobs (2 train + 1 test case of 16x32x32 voxels) planned once per session with every
     registered architecture (``--preset tiny``) and preprocessed with its in-task pretraining data.
 
-    Shared and read-only. Architectures whose planner cannot be imported are left out and listed in
-    ``missing_planners`` ({name: reason}) so tests can skip them explicitly.
+    Shared and read-only. Every registered architecture is planned: a planner that fails to import
+    fails the tests that use this tree (no silent skips).
     """
     from nnssl.architectures import ARCHITECTURES
     from nnssl.planning.api import plan_and_preprocess
@@ -115,13 +115,7 @@ def pretrain_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain_tree")
     tree = {var: str(root / sub) for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
                                                   ("nnUNet_results", "results"))}
-    planned, missing = [], {}
-    for name, spec in ARCHITECTURES.items():
-        try:
-            spec.planner_class()
-            planned.append(name)
-        except (ImportError, AttributeError) as e:
-            missing[name] = f"{type(e).__name__}: {e}"
+    planned = ARCHITECTURES.names()
     with pytest.MonkeyPatch.context() as mp:
         for var, folder in tree.items():
             os.makedirs(folder)
@@ -131,7 +125,7 @@ def pretrain_tree(tmp_path_factory):
         write_raw_dataset(tree["nnUNet_raw"], n_train=2, n_test=1, shape=(16, 32, 32))
         plan_and_preprocess("Dataset001_Blobs", architectures=planned, pretraining=["intask"], preset="tiny",
                             num_processes=1, show_progress=False)
-    return {**tree, "dataset": "Dataset001_Blobs", "architectures": planned, "missing_planners": missing}
+    return {**tree, "dataset": "Dataset001_Blobs", "architectures": planned}
 
 
 @pytest.fixture

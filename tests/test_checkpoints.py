@@ -160,3 +160,44 @@ def test_wrapper_prefixes_are_stripped(plans):
     first = sorted(changed)[0]
     changed[first] = changed[first] + 1
     assert weights_sha256(changed) != weights_sha256(b[0])
+
+
+def _facts(**normalization):
+    norm = {"normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+            "foreground_intensity_properties_per_channel": {"0": {
+                "mean": 50.0, "std": 20.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0, "max": 500.0}},
+            "spacing": [3.0, 0.8, 0.8], "patch_size": [16, 32, 32], "transpose_forward": [0, 1, 2]}
+    norm.update(normalization)
+    return {"plans_name": "nnUNetPlans", "configuration": "3d_fullres", "data_identifier": "nnUNetPlans_3d_fullres",
+            "normalization": norm}
+
+
+def _stats(**changes):
+    return {"0": {"mean": 50.0, "std": 20.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0, "max": 500.0,
+                  **changes}}
+
+
+def test_compare_plans_refuses_what_changes_the_input_and_reports_the_rest():
+    from nnssl.checkpoints import compare_plans
+
+    same = compare_plans(_facts(), _facts(spacing=[3.0 * (1 + 1e-9), 0.8, 0.8]))  # a float round trip
+    assert same.refused == [] and same.harmless == []
+
+    c = compare_plans(_facts(spacing=[2.0, 0.8, 0.8], transpose_forward=[2, 0, 1],
+                             foreground_intensity_properties_per_channel=_stats(percentile_99_5=250.0, max=900.0)),
+                      {**_facts(patch_size=[32, 32, 32]), "plans_name": "nnUNetResEncUNetMPlans"})
+    assert c.refused == ["spacing: checkpoint [2.0, 0.8, 0.8], fine-tuning [3.0, 0.8, 0.8]",
+                         "transpose_forward: checkpoint [2, 0, 1], fine-tuning [0, 1, 2]",
+                         "channel 0 intensity percentile_99_5: checkpoint 250.0, fine-tuning 300.0"]
+    assert c.harmless == ["channel 0 intensity max (not used by its normalization): checkpoint 900.0, fine-tuning 500.0",
+                          "plans_name: checkpoint 'nnUNetPlans', fine-tuning 'nnUNetResEncUNetMPlans'",
+                          "patch size: checkpoint [16, 32, 32], fine-tuning [32, 32, 32]"]
+
+    # z-score normalizes each image by its own mean/std: the dataset statistics do not matter ...
+    z = compare_plans(_facts(normalization_schemes=["ZScoreNormalization"],
+                             foreground_intensity_properties_per_channel=_stats(mean=0.0)),
+                      _facts(normalization_schemes=["ZScoreNormalization"]))
+    assert z.refused == [] and len(z.harmless) == 1
+    # ... but switching schemes (or the mask) does
+    s = compare_plans(_facts(normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[True]), _facts())
+    assert [line.split(":")[0] for line in s.refused] == ["normalization_schemes", "use_mask_for_norm"]

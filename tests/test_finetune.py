@@ -84,6 +84,51 @@ def test_trainer_lookup(monkeypatch):
         find_trainer_class("nnUNetTrainer_NoSuchName")
 
 
+CRAWL = r'''
+import json, sys
+import matplotlib
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer  # noqa: F401  (every trainer module needs it anyway)
+before, backend = set(sys.modules), matplotlib.get_backend()
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+folder, name = sys.argv[1:3]
+# what nnU-Net's recursive_find_trainer_class_by_name does with each nnUNet_extTrainer folder
+cls = recursive_find_python_class(folder, name, None, base_folder=folder, verbose=False,
+                                  cleanup_imports_from_base_folder=True)
+print("RESULT " + json.dumps({"found": cls and f"{cls.__module__}.{cls.__name__}",
+                              "new": sorted(set(sys.modules) - before), "backend": [backend, matplotlib.get_backend()]}))
+'''
+# What a folder in nnUNet_extTrainer must not pull in: the pretraining engine, methods, planning, plotting.
+CRAWL_FORBIDDEN = ("nnssl.training.pretrain", "nnssl.training.progress", "nnssl.training.pretext_preview",
+                   "nnssl.ssl", "nnssl.planning", "nnssl.cli", "nnssl.demo", "nnssl.inference", "nnssl.evaluation",
+                   "matplotlib.pyplot")
+
+
+def test_nnunet_trainer_crawl_imports_only_trainers(tmp_path):
+    """The README's nnUNet_extTrainer command names nnssl's trainer folder; nnU-Net's crawl of it (every
+    module, as for a name it does not hold) imports no pretraining engine and switches no matplotlib
+    backend, and finds nnssl's trainer by name."""
+    from nnssl.training.trainer_lookup import nnssl_trainer_folder
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    command = readme.split("export nnUNet_extTrainer=$(", 1)[1].split(")\n", 1)[0]
+    assert command.startswith("python -c ")
+    folder = subprocess.run([sys.executable, "-c", command[len("python -c "):].strip().strip('"')],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert folder == nnssl_trainer_folder()
+    script = tmp_path / "crawl.py"
+    script.write_text(CRAWL)
+    results = {}
+    for name in ("nnUNetTrainer_NotHere", "nnsslTrainer"):
+        r = subprocess.run([sys.executable, str(script), folder, name], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[name] = json.loads(next(li for li in r.stdout.splitlines() if li.startswith("RESULT "))[7:])
+    crawl = results["nnUNetTrainer_NotHere"]
+    assert crawl["found"] is None
+    assert [m for m in crawl["new"] if m.startswith(CRAWL_FORBIDDEN)] == []
+    assert crawl["backend"][0] == crawl["backend"][1]
+    assert results["nnsslTrainer"]["found"].endswith(".nnsslTrainer")
+
+
 def test_run_options_on_resume_keep_saved_values_unless_given():
     saved = {"epochs": 5, "iterations_per_epoch": 3, "val_iterations": 1, "warmup_epochs": 2,
              "freeze_encoder_epochs": None}
@@ -125,7 +170,29 @@ def test_checkpoints_that_do_not_fit_are_refused(pretrain_env, vf_checkpoint, tm
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(NnsslError, match="cannot be loaded"):
         inject_pretrained(tr, str(tmp_path / "junk.pth"))
+    # Plans that preprocess differently (same network): refused with every difference and the flag.
+    spacing = [s * 2 for s in base["normalization"]["spacing"]]
+    stats = base["normalization"]["foreground_intensity_properties_per_channel"]
+    p995 = stats["0"]["percentile_99_5"] + 100
+    other_plans = variant("plans.pth", **{"normalization/spacing": spacing, "plans_name": "nnUNetPlansOther",
+                                          "normalization/foreground_intensity_properties_per_channel/0/"
+                                          "percentile_99_5": p995})
+    with pytest.raises(NnsslError) as e:
+        inject_pretrained(tr, other_plans)
+    msg = str(e.value)
+    assert f"spacing: checkpoint {spacing!r}" in msg and f"channel 0 intensity percentile_99_5: checkpoint {p995!r}" in msg
+    assert "--allow_plans_mismatch" in msg and "plans_name: checkpoint 'nnUNetPlansOther'" in msg  # harmless, listed
     assert not os.path.exists(os.path.join(run.fold_dir, "nnssl_pretrained.json"))
+
+    report = inject_pretrained(tr, other_plans, allow_plans_mismatch=True)
+    assert report.n_loaded > 0
+    record = json.load(open(os.path.join(run.fold_dir, "nnssl_pretrained.json")))["plans_differences"]
+    assert record["allowed"] and len(record["refused"]) == 2 and record["harmless"] == [
+        "plans_name: checkpoint 'nnUNetPlansOther', fine-tuning 'nnUNetPlans'"]
+    # A harmless difference alone is reported, not refused.
+    inject_pretrained(tr, variant("name.pth", plans_name="nnUNetPlansOther"))
+    record = json.load(open(os.path.join(run.fold_dir, "nnssl_pretrained.json")))["plans_differences"]
+    assert record == {"refused": [], "harmless": record["harmless"], "allowed": False} and len(record["harmless"]) == 1
 
 
 def test_volume_fusion_to_finetuning_with_frozen_encoder(pretrain_env, vf_checkpoint):
@@ -202,11 +269,9 @@ def test_stock_nnunetv2_train_with_pretrained_weights(pretrain_env, vf_checkpoin
 
 
 def test_pct_net_trainer_with_warmup(pretrain_env):
-    if "pct_net" not in pretrain_env["architectures"]:
-        pytest.skip(f"PCT-Net planner unavailable: {pretrain_env['missing_planners'].get('pct_net')}")
     # nnU-Net's training loop only (train() would add the final sliding-window validation).
     run = build_trainer(DS, "3d_fullres", "all", architecture="pct_net", device="cpu")
-    apply_run_options(run.trainer, RunOptions(epochs=1, iterations_per_epoch=1, val_iterations=1, warmup_epochs=2))
+    apply_run_options(run.trainer, RunOptions(epochs=3, iterations_per_epoch=1, val_iterations=1, warmup_epochs=2))
     run.trainer.run_training()
     assert os.path.basename(os.path.dirname(run.fold_dir)) == "nnsslTrainer_PCTNet__nnsslPCTNetPlans__3d_fullres"
     ckpt = torch.load(os.path.join(run.fold_dir, "checkpoint_final.pth"), weights_only=False)
@@ -222,3 +287,15 @@ def test_cli_turns_user_errors_into_exit_code_2(pretrain_env, capsys):
         main([DS, "3d_fullres", "all", "--c", "-device", "cpu"])
     assert e.value.code == 2
     assert "no checkpoint to continue from" in capsys.readouterr().err
+
+
+def test_cli_passes_allow_plans_mismatch(monkeypatch):
+    import nnssl.training.finetune as finetune
+    from nnssl.cli.train import main
+
+    seen = {}
+    monkeypatch.setattr(finetune, "train", lambda *a, **kw: seen.update(kw) or {"output_folder": "x"})
+    for argv, expected in (([], False), (["--allow_plans_mismatch"], True)):
+        with pytest.raises(SystemExit) as e:
+            main([DS, "3d_fullres", "all", "-pretrained", "ckpt.pth", *argv])
+        assert e.value.code == 0 and seen["allow_plans_mismatch"] is expected

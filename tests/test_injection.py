@@ -1,4 +1,5 @@
 """Weight injection on hand-countable tiny U-Nets, and the fine-tuning trainers' small hooks."""
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
+from nnssl.architectures import ARCHITECTURES, build_network
 from nnssl.errors import NnsslError
 from nnssl.training.injection import (LOADED, NOT_IN_CHECKPOINT, OUTPUT_HEAD, SKIPPED_NOT_TRANSFERABLE,
                                       SKIPPED_SHAPE, module_prefix, transfer_weights)
@@ -161,3 +163,115 @@ def test_trainer_registry_names_are_class_names():
     assert TRAINERS.get("nnsslTrainer") is nnsslTrainer
     assert TRAINERS.get("nnsslTrainer_PCTNet") is nnsslTrainer_PCTNet
     assert all(cls.__name__ == name for name, cls in TRAINERS.items())
+
+
+class _LoopStub:
+    """What FinetuneOptionsMixin needs from nnU-Net's trainer, without nnU-Net's training loop."""
+
+    def on_train_epoch_start(self):
+        pass
+
+    def print_to_log_file(self, *args):
+        pass
+
+
+def _frozen_trainer(network, optimizer, freeze_epochs=1):
+    from nnssl.training.trainers.base import FinetuneOptionsMixin
+
+    tr = type("FreezeStub", (FinetuneOptionsMixin, _LoopStub), {})()
+    tr.network, tr.optimizer, tr.current_epoch = network, optimizer, 0
+    tr.nnssl_freeze_encoder_epochs = freeze_epochs
+    tr._nnssl_install_encoder_freeze()
+    return tr
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES.names())
+def test_frozen_encoder_does_not_move_for_every_architecture(name):
+    """One SGD step (momentum, weight decay) in a frozen epoch: every encoder parameter keeps its
+    exact value, every other parameter that gets a gradient moves; requires_grad never changes."""
+    spec = ARCHITECTURES.get(name)
+    preset = "tiny" if "tiny" in spec.presets else None
+    patch = spec.planner_class().without_dataset(1, 2, preset=preset).smallest_patch()
+    torch.manual_seed(0)
+    net = build_network(name, patch, 1, 2, preset=preset)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    tr = _frozen_trainer(net, opt)
+    tr.on_train_epoch_start()
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    out = net(torch.randn(2, 1, *patch))
+    (out[0] if isinstance(out, (list, tuple)) else out).square().mean().backward()
+    with_grad = {k for k, p in net.named_parameters() if p.grad is not None}
+    opt.step()
+    assert all(p.requires_grad for p in net.parameters())
+    for k, p in net.named_parameters():
+        if k.startswith("encoder."):
+            assert torch.equal(p, before[k]), k
+        elif k in with_grad:
+            assert not torch.equal(p, before[k]), k
+    assert any(not k.startswith("encoder.") for k in with_grad)
+
+
+DDP_FREEZE_SCRIPT = r'''
+import json, sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+sys.path.insert(0, sys.argv[1])
+from test_injection import _frozen_trainer, tiny_unet
+from nnssl.checkpoints import weights_sha256
+
+net = tiny_unet(0)  # the same start on both ranks
+ddp = DistributedDataParallel(net)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+tr = _frozen_trainer(ddp, opt, freeze_epochs=1)
+start = {k: v.clone() for k, v in net.state_dict().items()}
+report = {}
+for epoch in (0, 1):
+    tr.current_epoch = epoch
+    tr.on_train_epoch_start()
+    for step in range(2):
+        g = torch.Generator().manual_seed(100 * rank + 10 * epoch + step)  # each rank its own data
+        opt.zero_grad(set_to_none=True)
+        out = ddp(torch.randn(2, 1, 8, 16, 16, generator=g))
+        sum(o.square().mean() for o in out).backward()  # every output in the loss, as nnU-Net's DS loss
+        opt.step()
+    state = net.state_dict()
+    hashes = [None, None]
+    # parameters only: BatchNorm running statistics follow each rank's own data (DDP re-broadcasts them)
+    dist.all_gather_object(hashes, weights_sha256(dict(net.named_parameters())))
+    report[epoch] = {
+        "ranks_agree": hashes[0] == hashes[1],
+        "encoder_unchanged": all(torch.equal(state[k], start[k]) for k in start
+                                 if k.startswith("encoder.") and state[k].is_floating_point()
+                                 and "running" not in k),
+        "decoder_changed": any(not torch.equal(state[k], start[k]) for k in start if k.startswith("decoder.stages")),
+    }
+if rank == 0:
+    print("RESULT " + json.dumps(report))
+dist.destroy_process_group()
+'''
+
+
+def test_frozen_encoder_under_ddp_with_two_gloo_processes(tmp_path):
+    """--freeze_encoder_epochs under torchrun: 2 CPU processes (gloo), DDP-wrapped network, different
+    data per rank. Epoch 0 (frozen): the encoder keeps its weights, the decoder trains, the ranks stay
+    identical; epoch 1 (unfrozen): the encoder trains too and the ranks still agree (with
+    requires_grad toggled after wrapping, DDP's reduction breaks here)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_freeze.py"
+    script.write_text(DDP_FREEZE_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           os.path.dirname(__file__)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = json.loads(next(li for li in r.stdout.splitlines() if li.startswith("RESULT "))[len("RESULT "):])
+    assert report["0"] == {"ranks_agree": True, "encoder_unchanged": True, "decoder_changed": True}
+    assert report["1"] == {"ranks_agree": True, "encoder_unchanged": False, "decoder_changed": True}

@@ -45,6 +45,26 @@ def test_loss_zero_for_perfect_head_and_log_k_for_uniform_logits():
     assert (g[masked & (labels[..., 0] >= 0)] > 0).all() and (g[~masked] == 0).all() and g[1, 6] == 0
 
 
+def test_sum_normalization_is_eq_4_as_written():
+    labels, masked = _labels_and_mask()
+    uniform = torch.zeros(2, 7, sum(SIZES))
+    # 4 valid (masked, non-padded) slices, each contributing sum_n log K_n
+    total = multi_clusterer_ce(uniform, SIZES, labels, masked, 0.1, normalization="sum")
+    assert total.item() == pytest.approx(4 * sum(math.log(k) for k in SIZES), rel=1e-6)
+    with pytest.raises(NnsslError, match="loss_normalization"):
+        MaskedKMeansConfig(loss_normalization="mean")
+
+
+def test_head_max_pooling_option():
+    head = SliceClusterHead(3, 8, SIZES, pool="max")
+    x = torch.zeros(1, 3, 2, 4, 4)
+    x[0, :, 1, 2, 3] = 5.0  # one bright pixel in slice 1
+    expected = head.mlp(torch.stack([torch.zeros(3), torch.full((3,), 5.0)])[None])
+    torch.testing.assert_close(head(x), expected)
+    with pytest.raises(NnsslError, match="head_pool"):
+        MaskedKMeansConfig(head_pool="attention")
+
+
 def test_temperature_scales_logits():
     labels, masked = _labels_and_mask(1)
     logits = torch.randn(2, 7, sum(SIZES), generator=torch.Generator().manual_seed(3))
@@ -127,7 +147,7 @@ def test_prepare_then_train_step_on_plain_unet(tmp_path):
     ids = _write_cases(folder)
     cfg = MaskedKMeansConfig(n_clusterers=3, k_min=4, k_max=8, fit_fraction=0.5, fit_epochs=1,
                              feature_channels=8, head_hidden=16, chain_end_prob=0.5)
-    assert METHODS.get("masked_kmeans") is MaskedKMeans and MaskedKMeans.transfer == "encoder"
+    assert METHODS.get("masked_kmeans") is MaskedKMeans and MaskedKMeans.transfer == "encoder+decoder"
     ready = MaskedKMeans.prepare(cfg, folder, ids, seed=0)
     assert cfg.label_cache is None and os.path.isfile(ready.label_cache)
     assert MaskedKMeans.prepare(cfg, folder, ids, seed=0).label_cache == ready.label_cache
@@ -160,9 +180,38 @@ def test_method_without_prepare_and_bad_config_rejected():
     with pytest.raises(RuntimeError, match="prepare"):
         MaskedKMeans(MaskedKMeansConfig(), nn.Identity(), (8, 8, 8), 1)
     for bad in ({"chain_end_prob": 1.5}, {"k_min": 1}, {"k_min": 10, "k_max": 5}, {"temperature": 0},
-                {"patch_sizes": (0, 2)}, {"fit_fraction": 0.0}, {"chain_length": 0}):
+                {"patch_sizes": (0, 2)}, {"fit_fraction": 0.0}, {"chain_length": 0}, {"transfer": "heads"},
+                {"grad_clip": -1.0}):
         with pytest.raises(NnsslError):
             MaskedKMeansConfig(**bad)
     cfg = dataclasses.replace(MaskedKMeansConfig(), patch_sizes=[2, 4])
     assert cfg.patch_sizes == (2, 4)
-    assert MaskedKMeansConfig().warmup_iterations * 10 == MaskedKMeansConfig().iterations
+    assert MaskedKMeansConfig().warmup_fraction == 0.1 and MaskedKMeansConfig().warmup_iterations is None
+
+
+def test_checkpoint_transfers_encoder_and_decoder(pretrain_env, tmp_path):
+    """Paper Fig. 2: only the classification head is replaced, so fine-tuning loads the decoder too."""
+    from nnssl.checkpoints import load_resume_checkpoint
+    from nnssl.training.injection import LOADED, SKIPPED_NOT_TRANSFERABLE, transfer_weights
+    from nnssl.training.pretrain_setup import prepare
+    from nnssl.training.pretrainer import pretrain
+
+    cfg = MaskedKMeansConfig()
+    assert (cfg.transfer, cfg.grad_clip) == ("encoder+decoder", None)
+    small = ["n_clusterers=2", "k_min=2", "k_max=3", "fit_fraction=1.0", "fit_epochs=1", "feature_channels=4",
+             "head_hidden=8"]
+    out = pretrain("Dataset001_Blobs", "masked_kmeans", iterations=1, iterations_per_epoch=1, batch_size=1,
+                   device="cpu", num_workers=0, overrides=small, output_folder=str(tmp_path / "mk"))
+    ckpt = load_resume_checkpoint(os.path.join(out, "checkpoint_final.pth"))
+    assert ckpt["transfer"] == "encoder+decoder" and ckpt["method"]["config"]["transfer"] == "encoder+decoder"
+    decoder = [k for k in ckpt["network_weights"] if k.startswith("decoder.") and ".seg_layers." not in k]
+    assert decoder  # the checkpoint carries decoder weights ...
+    torch.manual_seed(1)
+    fresh = prepare("Dataset001_Blobs", "masked_kmeans", overrides=small).build_network()
+    report = transfer_weights(fresh, ckpt["network_weights"], ckpt["transfer"])
+    loaded = report.keys(LOADED)
+    assert any(k.startswith("decoder.") for k in loaded) and not report.keys(SKIPPED_NOT_TRANSFERABLE)
+    state = fresh.state_dict()
+    assert all(torch.equal(state[k], ckpt["network_weights"][k]) for k in decoder if k in loaded)  # ... and injects them
+    with open(os.path.join(out, "training_log.txt")) as f:
+        assert "Gradient clipping off" in f.read()  # the paper clips nothing

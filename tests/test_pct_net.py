@@ -1,4 +1,5 @@
-"""PCT-Net: shapes at all scales, encoder contract, gradients, memory estimate, parameter count."""
+"""PCT-Net: forward wiring by hand, pre-activation before every conv, Swin regularization, shapes at all
+scales, encoder contract, gradients, memory estimate, parameter count, the trainer's deep supervision."""
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from nnssl.errors import NnsslError
 
 
 TINY = {"channels": (4, 8, 16, 16, 32), "heads": (1, 2, 2), "window_size": 4}
+NO_SWIN_DROP = {"swin_dropout": 0.0, "swin_attn_dropout": 0.0, "swin_drop_path": 0.0}
 
 
 # --- hand-derived parameter counts (weights + biases; BN: 2C; PReLU: one slope) -----------
@@ -36,13 +38,15 @@ def pct_block(c, heads, window=6, depth=2):
 
 
 def pct_net_parameters(cin, ncls, ch=(24, 48, 128, 256, 512), heads=(4, 8, 16), window=6, k0=9, pool0=4):
-    enc = conv(cin, ch[0], k0) + conv_block(ch[0], ch[0], k0) + conv(ch[0], ch[1], 27) + conv_block(ch[1], ch[1], 27)
-    enc += sum(conv(ch[i - 1], ch[i], 27) + pct_block(ch[i], heads[i - 2], window) for i in (2, 3, 4))
-    dec = conv(ch[1], ch[0], pool0) + conv(2 * ch[0], ch[0], k0) + conv_block(ch[0], ch[0], k0)  # head, 2D
-    dec += conv(ch[2], ch[1], 8) + conv(2 * ch[1], ch[1], 27) + conv_block(ch[1], ch[1], 27)  # head, 3D
-    dec += sum(conv(ch[i + 1], ch[i], 8) + conv(2 * ch[i], ch[i], 27) + pct_block(ch[i], heads[i - 2], window)
+    # Only the input projection is a plain conv; every other conv (downsampling, transposed,
+    # fuse, 1x1 head) is BN -> PReLU -> conv (preact), as are the conv blocks' convs.
+    enc = conv(cin, ch[0], k0) + conv_block(ch[0], ch[0], k0) + preact(ch[0], ch[1], 27) + conv_block(ch[1], ch[1], 27)
+    enc += sum(preact(ch[i - 1], ch[i], 27) + pct_block(ch[i], heads[i - 2], window) for i in (2, 3, 4))
+    dec = preact(ch[1], ch[0], pool0) + preact(2 * ch[0], ch[0], k0) + conv_block(ch[0], ch[0], k0)  # head, 2D
+    dec += preact(ch[2], ch[1], 8) + preact(2 * ch[1], ch[1], 27) + conv_block(ch[1], ch[1], 27)  # head, 3D
+    dec += sum(preact(ch[i + 1], ch[i], 8) + preact(2 * ch[i], ch[i], 27) + pct_block(ch[i], heads[i - 2], window)
                for i in (2, 3))
-    seg = sum(conv(ch[i], ncls, 1) for i in range(4))
+    seg = sum(preact(ch[i], ncls, 1) for i in range(4))
     return enc + dec + seg
 
 
@@ -57,8 +61,8 @@ def test_default_parameter_count_matches_the_description():
     assert n == pct_net_parameters(1, 14)
     # The paper gives no count (only "moderate model size"). By hand: the 512-channel PCT
     # block alone is ~20.5 M, both 256-channel blocks ~10 M, and the 3x3x3 convs into and out
-    # of the 512 level ~8 M, so the whole net is a little over 40 M.
-    assert 40e6 < n < 48e6
+    # of the 512 level ~8 M, so the whole net is a little over 40 M: 44.2 M.
+    assert n == 44_202_346
     # iso embedding: 3x3x3 level-0 kernels and a 2x2x2 first pool / last transposed conv.
     assert count_parameters(PCTNet(1, 14, embedding="iso")) == pct_net_parameters(1, 14, k0=27, pool0=8)
 
@@ -105,12 +109,12 @@ def test_encoder_features_channels_and_strides():
         assert tuple(f.shape) == (2, ch, *(p // int(k) for p, k in zip(patch, s)))
     assert count_parameters(enc) + count_parameters(net.decoder) == count_parameters(net)
     assert len(net.decoder.seg_layers) == 4
-    assert [l.in_channels for l in net.decoder.seg_layers] == [4, 8, 16, 16]
+    assert [l.conv.in_channels for l in net.decoder.seg_layers] == [4, 8, 16, 16]  # BN -> PReLU -> 1x1 conv
 
 
 def test_gradient_reaches_every_parameter():
     torch.manual_seed(0)
-    net = PCTNet(2, 3, **TINY).train()
+    net = PCTNet(2, 3, **TINY, **NO_SWIN_DROP).train()  # drop-path could zero a branch for the whole batch
     out = net(torch.randn(2, 2, 16, 32, 32))
     sum(o.square().mean() for o in out).backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
@@ -224,3 +228,110 @@ def test_planner_writes_buildable_plans(blob_dataset, monkeypatch):
     with torch.no_grad():
         out = net.eval()(torch.randn(1, 1, *patch))
     assert [tuple(o.shape[2:]) for o in out] == _expected_shapes(tuple(patch), "aniso")
+
+
+# --- paper fidelity: pre-activation, Swin regularization, wiring ---
+
+def test_bn_prelu_precede_every_conv_except_the_input_projection():
+    torch.manual_seed(0)
+    net = PCTNet(1, 3, **TINY).eval()
+    produced = []  # (output, module type, input) of every BN / PReLU call, tensors kept alive
+    # (in eval mode a dropout layer hands its input on unchanged, the very same tensor)
+
+    def record(module, inputs, output):
+        produced.append((output, type(module), inputs[0]))
+
+    def source(t):
+        return next((kind, inp) for out, kind, inp in reversed(produced) if out is t)
+
+    unchecked, checked = [], []
+
+    def check(module, inputs):
+        name = names[module]
+        try:
+            kind, inp = source(inputs[0])
+            assert kind is nn.PReLU and source(inp)[0] is nn.BatchNorm3d
+            checked.append(name)
+        except (StopIteration, AssertionError):
+            unchecked.append(name)
+
+    names = {m: n for n, m in net.named_modules()}
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, (nn.BatchNorm3d, nn.PReLU))]
+    hooks += [m.register_forward_pre_hook(check) for m in net.modules() if isinstance(m, (nn.Conv3d,
+                                                                                          nn.ConvTranspose3d))]
+    with torch.no_grad():
+        net(torch.randn(1, 1, 16, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert unchecked == ["encoder.stem.0"]  # the projection sees the raw image
+    # 9 conv blocks x 2 convs + the 16 places: 4 downsampling, 4 transposed, 4 fuse, 4 output heads
+    assert len(checked) == 18 + 16
+    for part in ("encoder.stem.1.conv", "encoder.down.2.conv", "decoder.up.0.conv", "decoder.fuse.3.conv",
+                 "decoder.seg_layers.3.conv"):
+        assert part in checked
+
+
+def test_swin_branch_regularization_defaults_and_modes():
+    cfg = PCTNet(1, 3, **TINY).config
+    assert (cfg.swin_dropout, cfg.swin_attn_dropout, cfg.swin_drop_path) == (0.2, 0.2, 0.2)
+    net = PCTNet(1, 3, **TINY, swin_dropout=0.1, swin_attn_dropout=0.3, swin_drop_path=0.4)
+    blocks = [b for stage in (*net.encoder.stages, *net.decoder.blocks[2:]) for b in stage.swin]
+    assert len(blocks) == 5 * 2
+    for b in blocks:
+        assert (b.mlp.drop.p, b.attn.proj_drop.p, b.attn.attn_drop.p, b.drop_path.p) == (0.1, 0.1, 0.3, 0.4)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 32, 32)
+    block = net.encoder.stages[0]
+    t = torch.randn(2, 16, 4, 8, 8)  # [B, C, D, H, W] of the first pyramid level
+    block.train()
+    a, b = block(t), block(t)
+    assert not torch.equal(a, b)  # dropout / drop-path active in training
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x)[0], net(x)[0])
+    with pytest.raises(NnsslError, match="swin_drop_path"):
+        PCTNet(1, 3, swin_drop_path=1.0)
+    assert cfg.swin_mask_padding and not any(
+        b.mask_padding for stage in PCTNet(1, 3, **TINY, swin_mask_padding=False).encoder.stages for b in stage.swin)
+
+
+def test_forward_is_the_documented_wiring():
+    """Recompute the outputs from the submodules: embedding, pyramid, decoder levels, heads."""
+    torch.manual_seed(0)
+    net = PCTNet(1, 3, **TINY).eval()
+    enc, dec = net.encoder, net.decoder
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        s0 = enc.stem_blocks[0](enc.stem[0](x))
+        s1 = enc.stem_blocks[1](enc.stem[1](nn.functional.max_pool3d(s0, (1, 2, 2))))
+        skips = [s0, s1]
+        for i in range(3):
+            skips.append(enc.stages[i](enc.down[i](nn.functional.max_pool3d(skips[-1], 2))))
+        for f, s in zip(enc(x), skips):
+            torch.testing.assert_close(f, s)
+        y, outs = skips[4], []
+        for i in (3, 2, 1, 0):
+            y = dec.blocks[i](dec.fuse[i](torch.cat([dec.up[i](y), skips[i]], dim=1)))
+            outs.insert(0, dec.seg_layers[i](y))
+        got = net(x)
+        assert len(got) == 4
+        for g, o in zip(got, outs):
+            torch.testing.assert_close(g, o)
+        # a PCT block: conv branch + the Swin blocks in sequence on channels-last tokens
+        stage, z = enc.stages[1], enc.down[1](nn.functional.max_pool3d(skips[2], 2))
+        tokens = stage.swin[1](stage.swin[0](z.permute(0, 2, 3, 4, 1)))
+        torch.testing.assert_close(skips[3], stage.conv(z) + tokens.permute(0, 4, 1, 2, 3))
+
+
+def test_trainer_weights_all_four_deep_supervision_outputs(pretrain_env):
+    from nnssl.training.finetune import build_trainer
+
+    tr = build_trainer("Dataset001_Blobs", "3d_fullres", "all", architecture="pct_net", device="cpu").trainer
+    tr.initialize()
+    assert tr.loss.weight_factors == pytest.approx((8 / 15, 4 / 15, 2 / 15, 1 / 15))  # 1, 1/2, 1/4, 1/8 normalised
+    g = torch.Generator().manual_seed(0)
+    sizes = [(4, 8, 8), (4, 4, 4), (2, 2, 2), (1, 1, 1)]
+    outs = [torch.randn(2, 3, *s, generator=g).requires_grad_() for s in sizes]
+    targets = [torch.randint(0, 3, (2, 1, *s), generator=g).float() for s in sizes]
+    tr.loss(outs, targets).backward()
+    assert all(o.grad.abs().sum() > 0 for o in outs)  # nnU-Net's default leaves the coarsest at weight 0

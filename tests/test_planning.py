@@ -207,14 +207,15 @@ def test_nnssl_planner_shrinks_the_patch_to_the_budget(fingerprinted):
     assert plan["batch_size"] == 2
 
 
-def test_nnssl_planner_batch_size_grows_with_a_large_budget(fingerprinted):
+@pytest.mark.parametrize("factor,expected", [(10, 20), (3.3, 7), (1.2, 2)])
+def test_nnssl_planner_batch_size_grows_with_a_large_budget(fingerprinted, factor, expected):
+    """Memory-based batch size: round(budget / estimate x nnU-Net's reference batch 2), on a dataset so
+    large (1e12 voxels) that the 5%-of-dataset cap (~2e9 patches) never binds."""
     planner = TinyPlanner(DS)
-    planner.max_dataset_covered = 1.0  # lift the 5%-of-dataset cap to see nnU-Net's memory-based batch size
-    budget = 10 * tiny_estimate((24, 32, 32))
-    planner.UNet_vram_target_GB = budget_gb(budget, planner)
-    plan = planner.get_plans_for_configuration(SPACING, MEDIAN, "x", N_VOX, {})
+    planner.UNet_vram_target_GB = budget_gb(factor * tiny_estimate((24, 32, 32)), planner)
+    plan = planner.get_plans_for_configuration(SPACING, MEDIAN, "x", 1e12, {})
     assert tuple(plan["patch_size"]) == (24, 32, 32)
-    assert plan["batch_size"] == min(20, round(N_VOX / (24 * 32 * 32)))  # round(10 * 2), capped by the dataset
+    assert plan["batch_size"] == expected  # round(10 x 2), round(6.6), round(2.4)
 
 
 def test_nnssl_planner_writes_shared_data_identifier_and_buildable_plans(fingerprinted):

@@ -2,15 +2,16 @@
 output folder's geometry, stock ``nnUNetv2_predict`` on the same result folder, and bad inputs.
 
 Stock nnU-Net looks trainer classes up by crawling its trainer folder, which imports timm and
-through it torchvision; on this machine torchvision does not match torch and fails to import.
-On a normal install it imports fine. The stock-compatibility tests therefore run stock nnU-Net
-with a TEST-ONLY stand-in torchvision on PYTHONPATH (``stock_nnunet_env``); nothing nnssl
-writes depends on it.
+through it torchvision. On a normal install it imports fine; where the installed torchvision
+does not match torch and fails to import (as on the development machine), the stock-compatibility
+tests put a TEST-ONLY stand-in torchvision on PYTHONPATH (``stock_nnunet_env``), and only then;
+nothing nnssl writes depends on it.
 """
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,15 +75,22 @@ def __getattr__(name):
 '''
 
 
+def real_torchvision_imports() -> bool:
+    """Whether the installed torchvision imports (in a fresh interpreter: a failed import leaves
+    half-initialized modules behind)."""
+    return subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0
+
+
 def stock_nnunet_env(tmp_path, ext_trainer_folder=None):
-    """Environment for a stock nnU-Net subprocess: the current nnU-Net folders, the test-only
-    torchvision stand-in first on PYTHONPATH, and ``nnUNet_extTrainer`` (default: nnssl's trainer
-    folder, which is what a user sets)."""
-    fake = tmp_path / "fake_torchvision"
-    (fake / "torchvision").mkdir(parents=True, exist_ok=True)
-    (fake / "torchvision" / "__init__.py").write_text(FAKE_TORCHVISION)
+    """Environment for a stock nnU-Net subprocess: the current nnU-Net folders, ``nnUNet_extTrainer``
+    (default: nnssl's trainer folder, which is what a user sets) and, only when the real torchvision
+    fails to import, the test-only torchvision stand-in first on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(fake), *filter(None, [env.get("PYTHONPATH")])])
+    if not real_torchvision_imports():
+        fake = tmp_path / "fake_torchvision"
+        (fake / "torchvision").mkdir(parents=True, exist_ok=True)
+        (fake / "torchvision" / "__init__.py").write_text(FAKE_TORCHVISION)
+        env["PYTHONPATH"] = os.pathsep.join([str(fake), *filter(None, [env.get("PYTHONPATH")])])
     env["nnUNet_extTrainer"] = ext_trainer_folder or nnssl_trainer_folder()
     return env
 

@@ -16,8 +16,8 @@ from nnssl.checkpoints import load_resume_checkpoint, weights_sha256
 from nnssl.cli.pretrain import main as pretrain_main
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS
-from nnssl.training.pretrain_data import (PretrainLoader, batch_from_item, draw_crop_box, make_loader, sample_images,
-                                         shutdown)
+from nnssl.training.pretrain_data import (PretrainLoader, batch_from_item, draw_crop_box, image_region, make_loader,
+                                         sample_images, shutdown)
 from nnssl.training.pretrain_setup import apply_overrides, prepare
 from nnssl.training.pretrainer import pretrain
 from nnssl.training.schedules import LRSchedule
@@ -66,23 +66,50 @@ def test_crop_box_positions():
     assert draw_crop_box(rng, (4, 4), (4, 4)) == [[0, 4], [0, 4]]
 
 
+def test_image_region_by_hand():
+    # axis 0: crop [3, 7) inside a volume of 10; axis 1: a volume of 3 at offset 2 of a crop of 5
+    assert image_region([[3, 7], [-2, 3]], (10, 3)) == [[0, 4], [2, 5]]
+    assert image_region([[6, 10], [0, 3]], (10, 3)) == [[0, 4], [0, 3]]
+
+
 def test_volumes_smaller_than_the_crop_are_padded_with_zero(pretrain_env):
     folder = prepare(DS, METHOD).data_folder
     ds = nnUNetDatasetBlosc2(folder)
     ids = list(ds.identifiers)
-    crop = (20, 40, 36)  # larger than every 16x32x32 case on every axis
-    images, meta = sample_images(ds, ids, 1, crop, np.random.default_rng(11))
-    rng = np.random.default_rng(11)  # replay the draws
-    case = ids[int(rng.integers(0, len(ids), size=1)[0])]
-    volume = np.asarray(ds.load_case(case)[0][:], dtype=np.float32)
-    box = draw_crop_box(rng, volume.shape[1:], crop)
+    volume = np.asarray(ds.load_case(ids[1])[0][:], dtype=np.float32)
+    shape = volume.shape[1:]
+    crop = tuple(n + extra for n, extra in zip(shape, (4, 8, 4)))  # larger than the case on every axis
+    images, meta = sample_images(ds, ids, [1], crop, np.random.default_rng(11))
     assert images.shape == (1, 1, *crop) and images.dtype == np.float32
-    assert meta == {"keys": [case], "boxes": [box]}
-    inside = tuple(slice(-b[0], -b[0] + n) for b, n in zip(box, volume.shape[1:]))
-    np.testing.assert_array_equal(images[0][(slice(None), *inside)], volume)
+    # where is the volume? search every offset
+    found = [o for o in np.ndindex(4 + 1, 8 + 1, 4 + 1)
+             if np.array_equal(images[0][(slice(None),) + tuple(slice(a, a + n) for a, n in zip(o, shape))], volume)]
+    assert len(found) == 1
+    offset = found[0]
+    assert meta["keys"] == [ids[1]]
+    assert meta["boxes"] == [[[-a, -a + c] for a, c in zip(offset, crop)]]
+    assert meta["image_region"] == [[[a, a + n] for a, n in zip(offset, shape)]]
     mask = np.ones(crop, bool)
-    mask[inside] = False
+    mask[tuple(slice(a, a + n) for a, n in zip(offset, shape))] = False
     assert mask.any() and np.all(images[0][:, mask] == 0)
+
+
+def test_volume_fusion_batches_pair_two_different_scans(pretrain_env):
+    s = prepare(DS, METHOD, batch_size=2)
+    loader = PretrainLoader(s.data_folder, 2, s.crop_size, s.method_cls, s.cfg, seed=0)
+    assert len(loader.identifiers) == 3
+    pairs = [tuple(loader.images(i)[1]["keys"]) for i in range(40)]
+    assert all(a != b for a, b in pairs)  # today's draw with replacement pairs a scan with itself 1 time in 3
+    assert len(set(pairs)) == 6  # every ordered pair of the 3 scans occurs
+
+
+def test_volume_fusion_refuses_a_single_scan_before_training(tmp_path):
+    shape = (1, 8, 8, 8)
+    nnUNetDatasetBlosc2.save_case(np.zeros(shape, np.float32), np.zeros(shape, np.int8), {},
+                                  str(tmp_path / "only"), chunks=shape, blocks=shape)
+    cls = METHODS.get(METHOD)
+    with pytest.raises(NnsslError, match="two different scans"):
+        PretrainLoader(str(tmp_path), 2, (8, 8, 8), cls, cls.config_class(), seed=0)
 
 
 # --- schedules and --set ---
@@ -237,11 +264,50 @@ def test_torchrun_two_processes_agree(pretrain_env, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "training_log.txt") as f:
-        line = next(li for li in f if "sha256 per rank" in li)
+        log = f.read().splitlines()
+    line = next(li for li in log if "weights sha256 per rank" in li)
     hashes = re.findall(r"[0-9a-f]{64}", line)
     assert len(hashes) == 2 and hashes[0] == hashes[1]
+    # ... after training on different data: each rank's first batch is its own
+    data = re.findall(r"[0-9a-f]{64}", next(li for li in log if "first batch sha256 per rank" in li))
+    assert len(data) == 2 and data[0] != data[1]
     ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert weights_sha256(ckpt["network_weights"]) == hashes[0]
     with open(out / "config.json") as f:
         config = json.load(f)
     assert config["world_size"] == 2 and config["batch_size_per_process"] == 2
+
+
+def test_pretrain_leaves_the_callers_global_rngs_alone(pretrain_env, tmp_path):
+    import random
+
+    torch.manual_seed(1234)
+    np.random.seed(99)
+    random.seed(7)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    run(tmp_path, "rng", iterations=1)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    after = np.random.get_state()
+    assert after[0] == states[1][0] and np.array_equal(after[1], states[1][1]) and after[2:] == states[1][2:]
+    assert random.getstate() == states[2]
+
+
+def test_grad_clip_is_a_config_field_read_by_the_engine_and_logged(pretrain_env, tmp_path, monkeypatch):
+    norms, real = [], torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    assert METHODS.get(METHOD).config_class().grad_clip is None  # MIS-FM clips nothing
+    off = run(tmp_path, "off", iterations=1)
+    assert norms == []
+    on = run(tmp_path, "on", iterations=2, overrides=["grad_clip=0.5"])
+    assert norms == [0.5, 0.5]
+    with open(os.path.join(off, "training_log.txt")) as f:
+        assert "Gradient clipping off" in f.read()
+    with open(os.path.join(on, "training_log.txt")) as f:
+        assert "Gradient clipping on, max gradient norm 0.5" in f.read()
+    with pytest.raises(NnsslError, match="grad_clip"):
+        run(tmp_path, "bad", iterations=1, overrides=["grad_clip=-1"])

@@ -1,5 +1,7 @@
-"""Registry-driven: every (SSL method, architecture) pair pretrains a few CPU iterations and writes a
-checkpoint that fine-tuning can load; every method lowers its loss on the tiny data."""
+"""Registry-driven: every compatible (SSL method, architecture) pair pretrains a few CPU iterations and
+writes a checkpoint that the architecture's fine-tuning trainer loads (every transferable tensor, by
+count and value); an incompatible pair is refused before anything is built; every method lowers its
+loss on the tiny data."""
 import dataclasses
 import os
 
@@ -10,8 +12,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 import nnssl.architectures  # noqa: F401
 import nnssl.ssl  # noqa: F401
 from nnssl.architectures.spec import ARCHITECTURES
-from nnssl.checkpoints import load_pretraining_checkpoint
+from nnssl.checkpoints import is_output_head, load_pretraining_checkpoint
+from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS
+from nnssl.training.finetune import build_trainer
+from nnssl.training.injection import LOADED, SKIPPED_NOT_TRANSFERABLE, _network_tensors, inject_pretrained
 from nnssl.training.pretrainer import pretrain
 
 DS = "Dataset001_Blobs"
@@ -22,10 +27,19 @@ def batch_size(method: str) -> int:
     return max(2, METHODS.get(method).min_batch_size)
 
 
+def compatible(method: str, arch: str) -> bool:
+    return METHODS.get(method).requires <= ARCHITECTURES.get(arch).capabilities
+
+
 @pytest.mark.parametrize("method,arch", PAIRS)
 def test_every_method_runs_on_every_architecture(pretrain_env, method, arch):
-    if arch in pretrain_env["missing_planners"]:
-        pytest.skip(f"planner of '{arch}' is missing: {pretrain_env['missing_planners'][arch]}")
+    if not compatible(method, arch):
+        missing = sorted(METHODS.get(method).requires - ARCHITECTURES.get(arch).capabilities)
+        with pytest.raises(NnsslError, match=f"cannot run on architecture .*'{arch}'.*needs {missing[0]}"):
+            pretrain(DS, method, arch, iterations=2, iterations_per_epoch=2, batch_size=batch_size(method),
+                     device="cpu", num_workers=0)
+        assert not os.listdir(pretrain_env["nnUNet_results"])  # refused before anything was written
+        return
     out = pretrain(DS, method, arch, iterations=2, iterations_per_epoch=2, batch_size=batch_size(method),
                    device="cpu", num_workers=0)
     spec = ARCHITECTURES.get(arch)
@@ -45,6 +59,20 @@ def test_every_method_runs_on_every_architecture(pretrain_env, method, arch):
         assert "loss" in h["losses"] and all(torch.isfinite(torch.tensor(v)) for v in h["losses"].values())
     for name in ("progress.png", "checkpoint_final.json", "checkpoint_latest.pth", "config.json", "training_log.txt"):
         assert os.path.isfile(os.path.join(out, name)), name
+
+    # Into the architecture's own fine-tuning trainer (3 output classes instead of the pretext's):
+    # every tensor of the transferable part is loaded with the checkpoint's value, the rest is not.
+    trainer = build_trainer(DS, "3d_fullres", "all", architecture=arch, device="cpu").trainer
+    assert type(trainer).__name__ == spec.trainer
+    trainer.initialize()
+    report = inject_pretrained(trainer, os.path.join(out, "checkpoint_final.pth"))
+    tensors = _network_tensors(trainer.network)
+    transferable = [k for k in tensors if not is_output_head(k)
+                    and (ckpt["transfer"] == "encoder+decoder" or k.startswith("encoder."))]
+    assert transferable and report.keys(LOADED) == transferable
+    assert len(report.keys(SKIPPED_NOT_TRANSFERABLE)) == sum(
+        not is_output_head(k) and k not in transferable for k in tensors)
+    assert all(torch.equal(tensors[k].cpu(), ckpt["network_weights"][k]) for k in transferable)
 
 
 @pytest.mark.parametrize("method", METHODS.names())

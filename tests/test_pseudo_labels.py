@@ -80,7 +80,7 @@ def test_build_writes_cache_with_consistent_labels(data_folder):
     depths = {k: v.shape[1] for k, v in vols.items()}
     assert labels.shape == (sum(depths.values()), 3) and labels.dtype == np.int16
     assert [index["cases"][k][1] for k in ids] == [depths[k] for k in ids]
-    assert len(index["fit_cases"]) == 2  # round(0.5 * 5)
+    assert [len(set(p)) for p in index["fit_passes"]] == [2, 2]  # fit_epochs passes of round(0.5 * 5) volumes
     sizes = index["cluster_sizes"]
     assert len(sizes) == 3 and all(4 <= k <= 8 for k in sizes)
     assert (labels >= 0).all() and (labels < np.array(sizes)).all()
@@ -188,3 +188,27 @@ def test_fitting_streams_one_volume_at_a_time(data_folder, monkeypatch):
     max_depth = max(v.shape[1] for v in vols.values())
     assert max(chunk_rows) < max(cfg.fit_chunk_slices, cfg.k_max) + max_depth
     assert len(chunk_rows) >= 3 * 3 * 2  # several partial_fit steps per clusterer and pass
+
+
+def test_every_fit_pass_draws_a_fresh_subset():
+    cfg = dataclasses.replace(CFG, fit_fraction=0.1, fit_epochs=50)
+    draw = pl.draw_clustering(100, seed=0, cfg=cfg)
+    assert len(draw.pass_cases) == 50
+    assert all(len(set(p.tolist())) == 10 for p in draw.pass_cases)  # 10 % of 100, no volume twice in a pass
+    assert len({tuple(sorted(p.tolist())) for p in draw.pass_cases}) == 50  # one fixed subset would give 1
+    seen = np.bincount(np.concatenate(draw.pass_cases), minlength=100)
+    assert (seen > 0).sum() > 90  # 50 passes of 10 % reach nearly every volume (expected 99.5)
+
+
+def test_fit_reads_the_recorded_passes(data_folder, monkeypatch):
+    folder, vols = data_folder
+    loads, original_load = [], pl._load_volume
+    monkeypatch.setattr(pl, "_load_volume", lambda ds, ident: loads.append(ident) or original_load(ds, ident))
+    cfg = dataclasses.replace(CFG, fit_fraction=0.4, fit_epochs=6)
+    path = pl.build_or_load_cache(folder, list(vols), seed=0, cfg=cfg, show_progress=False)
+    with open(path[:-4] + ".json") as f:
+        passes = json.load(f)["fit_passes"]
+    assert len(passes) == 6 and all(len(set(p)) == 2 for p in passes)
+    assert len({tuple(sorted(p)) for p in passes}) > 1  # not one subset for every pass
+    assert loads[:12] == [i for p in passes for i in p]  # fitting read exactly these, then labelling all 5
+    assert sorted(loads[12:]) == sorted(vols)

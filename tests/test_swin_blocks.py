@@ -147,3 +147,18 @@ def test_swin_block_shapes_gradients_and_post_norm():
         assert all(p.grad is not None for p in block.parameters())
     with pytest.raises(ValueError):
         SwinBlock(dim=8, heads=2, window=(3, 3, 3), shift=(3, 0, 0))
+
+
+def test_swin_block_mask_padding_option():
+    """mask_padding=False lets padded tokens be keys: outputs then depend on the padding, except on a
+    grid the window divides (nothing padded), where both settings agree."""
+    torch.manual_seed(0)
+    masked = SwinBlock(8, 2, (4, 4, 4)).eval()
+    unmasked = SwinBlock(8, 2, (4, 4, 4), mask_padding=False).eval()
+    unmasked.load_state_dict(masked.state_dict())
+    assert masked.mask_padding and not unmasked.mask_padding
+    with torch.no_grad():
+        padded = torch.randn(1, 6, 6, 6, 8)  # 6 > 4, not a multiple: padded to 8
+        assert not torch.allclose(masked(padded), unmasked(padded))
+        exact = torch.randn(1, 8, 8, 8, 8)
+        torch.testing.assert_close(masked(exact), unmasked(exact))

@@ -1,5 +1,5 @@
-"""ULKANet and its LKA blocks: hand-computed attention/module outputs, shapes, gradients,
-memory estimate, parameter counts by formula and against the paper."""
+"""ULKANet and its LKA blocks: hand-computed attention/module outputs, forward wiring by hand, shapes,
+gradients, memory estimate, parameter counts by formula and against the paper."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,28 @@ def test_lka_module_is_two_pre_norm_residuals():
     assert m.fc1.out_channels == 8 and m.dwconv.groups == 8 and m.dwconv.kernel_size == (3, 3, 3)
 
 
+def test_lka_module_normed_input_residual_is_algorithm_2_read_literally():
+    torch.manual_seed(0)
+    block = LKABlock3d(4, mlp_ratio=2, kernel=3, dilated_kernel=3, dilation=2, residual="normed_input").eval()
+    block.norm1.running_mean.fill_(0.5)  # non-trivial BN statistics so both residual forms differ
+    block.norm2.running_var.fill_(4.0)
+    x = torch.randn(1, 4, 5, 6, 7)
+    with torch.no_grad():
+        a, m = block.attn, block.mlp
+        n1 = block.norm1(x)
+        x1 = n1 + a.proj_out(a.lka(F.gelu(a.proj_in(n1))))
+        n2 = block.norm2(x1)
+        torch.testing.assert_close(block(x), n2 + m.fc2(F.gelu(m.dwconv(F.gelu(m.fc1(n2))))))
+        block.residual = "pre_norm"
+        assert not torch.allclose(block(x), n2 + m.fc2(F.gelu(m.dwconv(F.gelu(m.fc1(n2))))))
+    net = ULKANet(1, 3, **TINY, lka_residual="normed_input")
+    assert all(b.residual == "normed_input" for stage in net.encoder.stages for b in stage.blocks)
+    with pytest.raises(NnsslError, match="lka_residual"):
+        ULKANet(1, 3, lka_residual="post_norm")
+    slope = ULKANet(1, 3, **TINY, decoder_negative_slope=0.2).decoder.features.blocks[0].convs[2]
+    assert isinstance(slope, nn.LeakyReLU) and slope.negative_slope == 0.2
+
+
 def test_parameter_formula_for_one_lka_module_and_one_encoder_block():
     assert count_parameters(LKABlock3d(64, 8)) == lka_module(64, 8)
     assert count_parameters(LKABlock3d(16, 4, projections=False)) == lka_module(16, 4, proj=False)
@@ -113,6 +135,41 @@ def test_output_and_encoder_shapes(patch, strides, cin):
     with torch.no_grad():
         out = net(x)
     assert isinstance(out, list) and len(out) == 1 and torch.equal(out[0], y)
+
+
+def test_forward_is_the_documented_wiring():
+    """Recompute the output from the submodules: 4 encoder blocks (embed -> LKA modules -> channel
+    LayerNorm), then decoder blocks fed e_3, cat(., e_2), cat(., e_1), cat(., e_0), and the last one
+    alone, each 3 convs then x2 trilinear upsampling, then the 1x1x1 classifier."""
+    torch.manual_seed(0)
+    net = ULKANet(1, 3, **TINY).eval()
+    enc, dec = net.encoder, net.decoder
+    x = torch.randn(1, 1, 32, 32, 64)
+    with torch.no_grad():
+        e, h = [], x
+        for stage in enc.stages:
+            h = stage.embed(h)
+            for block in stage.blocks:
+                h = block(h)
+            ln = stage.norm
+            h = F.layer_norm(h.permute(0, 2, 3, 4, 1), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            h = h.permute(0, 4, 1, 2, 3)
+            e.append(h)
+        assert [t.shape[2:] for t in e] == [(8, 8, 16), (4, 4, 8), (2, 2, 4), (1, 1, 2)]
+        for f, t in zip(enc(x), e):
+            torch.testing.assert_close(f, t)
+        blocks = dec.features.blocks
+        assert len(blocks) == 5
+
+        def up2(t):
+            return F.interpolate(t, scale_factor=2.0, mode="trilinear", align_corners=False)
+
+        y = up2(blocks[0].convs(e[3]))
+        for j, skip in ((1, e[2]), (2, e[1]), (3, e[0])):
+            y = up2(blocks[j].convs(torch.cat([y, skip], dim=1)))
+        y = up2(blocks[4].convs(y))
+        torch.testing.assert_close(net.forward_features(x), y)
+        torch.testing.assert_close(net(x), dec.seg_layers[0](y))
 
 
 def test_gradient_reaches_every_parameter():

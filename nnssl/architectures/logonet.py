@@ -92,7 +92,8 @@ class LoGoNetConfig(ULKANetConfig):
                              patch_kernels=self.patch_kernels[:n], strides=self.strides[:n],
                              lka_kernel=self.lka_kernel, lka_dilated_kernel=self.lka_dilated_kernel,
                              lka_dilation=self.lka_dilation, attn_projections=self.attn_projections,
-                             decoder_dims=self.local_decoder_dims, decoder_kernel=self.decoder_kernel,
+                             lka_residual=self.lka_residual, decoder_dims=self.local_decoder_dims,
+                             decoder_kernel=self.decoder_kernel, decoder_negative_slope=self.decoder_negative_slope,
                              upsample_mode=self.upsample_mode)
 
 

@@ -17,17 +17,21 @@ the skip, a fusing conv (2C -> C), then a PCT block (pyramid levels) or a conv b
 3D at level 1, 2D at level 0). 1x1x1 convs predict at levels 0..3 (full, 1/2, 1/4, 1/8).
 A PCT block is a pre-activation conv block (dropout before its second conv) in parallel with
 ``swin_depth`` Swin blocks (window MSA, then shifted window MSA, shift = window // 2); the
-two branch outputs are added.
+two branch outputs are added. The Swin blocks use dropout, attention dropout and drop-path
+0.2 each (``swin_dropout``, ``swin_attn_dropout``, ``swin_drop_path``; the released model).
+
+Pre-activation everywhere (the authors' code): BN -> PReLU comes before every conv except the
+input projection (which sees the raw image): the downsampling convs, the transposed conv and
+the fuse conv of every decoder level, and each 1x1x1 output head (``seg_layers[i]`` is
+BN -> PReLU -> conv, so it is fresh at fine-tuning, its BN included).
 
 Assumptions (the paper and its Fig. 3 text do not fix them):
 - Between pyramid levels: 2x2x2 max-pool then a 3x3x3 conv to the next width, the same
-  pattern as the embedding's "max-pool, conv -> 128".
-- The channel-changing convs (embedding, downsampling, decoder fusion) are plain convs with
-  the paper's 3x3x3 (1x3x3 on the 2D level) kernels; the pre-activation block that follows
-  supplies BN + PReLU.
+  pattern as the embedding's "max-pool, conv -> 128" (the layout, not a number: no field).
 - Window attention pads a pyramid feature map up to a multiple of the window and masks the
-  padding (see ``blocks/swin.py``): the paper's 64x128x128 patch gives 32^3, 16^3, 8^3
-  pyramid maps, which window 6 does not divide.
+  padding (see ``blocks/swin.py``; ``swin_mask_padding=False`` lets padded tokens take part, as
+  the original Swin code does): the paper's 64x128x128 patch gives 32^3, 16^3, 8^3 pyramid
+  maps, which window 6 does not divide.
 """
 from dataclasses import dataclass, fields
 from typing import List, Sequence, Tuple, Union
@@ -36,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnssl.architectures.blocks.conv import ConvBlock, same_conv, to_3tuple
-from nnssl.architectures.blocks.swin import SwinBlock
+from nnssl.architectures.blocks.conv import ConvBlock, PreActConv, same_conv, to_3tuple
+from nnssl.architectures.blocks.swin import SwinBlock, init_transformer_weights
 from nnssl.architectures.spec import ArchitectureSpec, register_architecture
 from nnssl.errors import NnsslError
 
@@ -53,7 +57,16 @@ class PCTNetConfig:
     window_size: Union[int, Tuple[int, int, int]] = 6
     mlp_ratio: float = 4.0
     dropout: Tuple[float, ...] = (0.0, 0.0, 0.2, 0.2, 0.2)  # per level, before a block's 2nd conv
+    # Swin branch regularization of the released model: dropout after its linear layers, on the
+    # attention weights, and drop-path on both residual branches, the same rate in every block.
+    swin_dropout: float = 0.2
+    swin_attn_dropout: float = 0.2
+    swin_drop_path: float = 0.2
+    swin_mask_padding: bool = True  # Assumption: padded window tokens are masked out as keys (blocks/swin.py)
     embedding: str = "aniso"  # "aniso": 2D (1x3x3) level 0 and 1x2x2 first pool; "iso": all 3D
+    # Assumption: convs get He init for a PReLU of this negative slope (PReLU's start value 0.25);
+    # the paper does not say how it initializes.
+    init_prelu_slope: float = 0.25
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -72,6 +85,9 @@ class PCTNetConfig:
             problems.append(f"dropout {self.dropout} needs one entry per level ({len(self.channels)})")
         if self.embedding not in EMBEDDINGS:
             problems.append(f"embedding '{self.embedding}' must be one of {EMBEDDINGS}")
+        if not all(0 <= p < 1 for p in (*self.dropout, self.swin_dropout, self.swin_attn_dropout,
+                                        self.swin_drop_path)):
+            problems.append("dropout, swin_dropout, swin_attn_dropout and swin_drop_path must be in [0, 1)")
         if problems:
             raise NnsslError("Invalid PCT-Net arch_kwargs (from the plans file or --set): "
                              + "; ".join(problems) + ". Fix the 'arch_kwargs' of the plans' "
@@ -109,16 +125,38 @@ def _conv_size(channels: int, size: Sequence[int]) -> int:
     return int(np.prod([channels, *size], dtype=np.int64))
 
 
+class PreActUp(nn.Module):
+    """BN(in) -> PReLU -> ConvTranspose3d(in -> out, kernel = stride = ``pool``).
+
+    x: [B, in, D, H, W] -> [B, out, D·pd, H·ph, W·pw]. The transposed-conv twin of PreActConv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pool: Sequence[int]):
+        super().__init__()
+        self.norm = nn.BatchNorm3d(in_channels)
+        self.act = nn.PReLU()
+        self.conv = nn.ConvTranspose3d(in_channels, out_channels, tuple(pool), stride=tuple(pool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.norm(x)))
+
+
 class PCTBlock(nn.Module):
-    """Conv branch + Swin branch, outputs added. x: [B, C, D, H, W] -> same shape."""
+    """Conv branch + Swin branch, outputs added. x: [B, C, D, H, W] -> same shape.
+
+    ``swin_drop``, ``swin_attn_drop``, ``swin_drop_path``: the Swin blocks' dropout (after the
+    linear layers), attention dropout and drop-path rates."""
 
     def __init__(self, channels: int, heads: int, window: Tuple[int, int, int], depth: int = 2,
-                 dropout: float = 0.0, mlp_ratio: float = 4.0):
+                 dropout: float = 0.0, mlp_ratio: float = 4.0, swin_drop: float = 0.0,
+                 swin_attn_drop: float = 0.0, swin_drop_path: float = 0.0, mask_padding: bool = True):
         super().__init__()
         self.conv = ConvBlock(channels, channels, 3, dropout)
         shift = tuple(w // 2 for w in window)
         self.swin = nn.ModuleList(
-            SwinBlock(channels, heads, window, shift if i % 2 else (0, 0, 0), mlp_ratio) for i in range(depth))
+            SwinBlock(channels, heads, window, shift if i % 2 else (0, 0, 0), mlp_ratio, drop=swin_drop,
+                      attn_drop=swin_attn_drop, drop_path=swin_drop_path, mask_padding=mask_padding)
+            for i in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.permute(0, 2, 3, 4, 1)  # channels-last tokens [B, D, H, W, C]
@@ -129,6 +167,12 @@ class PCTBlock(nn.Module):
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> int:
         return (self.conv.compute_conv_feature_map_size(size)
                 + sum(b.compute_conv_feature_map_size(size) for b in self.swin))
+
+
+def _pct_block(cfg: PCTNetConfig, level: int) -> PCTBlock:
+    """The PCT block of pyramid ``level`` (2 .. n-1) as configured."""
+    return PCTBlock(cfg.channels[level], cfg.heads[level - 2], cfg.window_size, cfg.swin_depth, cfg.dropout[level],
+                    cfg.mlp_ratio, cfg.swin_dropout, cfg.swin_attn_dropout, cfg.swin_drop_path, cfg.swin_mask_padding)
 
 
 class PCTEncoder(nn.Module):
@@ -144,14 +188,13 @@ class PCTEncoder(nn.Module):
         self.output_channels = list(c)
         self.strides = cfg.pools
         self.pools = nn.ModuleList(nn.MaxPool3d(p) for p in cfg.pools[1:])
-        # Level 0: 2D (or 3D) projection + conv block; level 1: conv + 3D conv block.
-        self.stem = nn.ModuleList([same_conv(input_channels, c[0], cfg.level0_kernel), same_conv(c[0], c[1], 3)])
+        # Level 0: 2D (or 3D) projection (a plain conv: it sees the raw image) + conv block;
+        # level 1: pre-activated conv + 3D conv block.
+        self.stem = nn.ModuleList([same_conv(input_channels, c[0], cfg.level0_kernel), PreActConv(c[0], c[1], 3)])
         self.stem_blocks = nn.ModuleList([ConvBlock(c[0], c[0], cfg.level0_kernel, cfg.dropout[0]),
                                           ConvBlock(c[1], c[1], 3, cfg.dropout[1])])
-        self.down = nn.ModuleList(same_conv(c[i - 1], c[i], 3) for i in range(2, len(c)))
-        self.stages = nn.ModuleList(
-            PCTBlock(c[i], cfg.heads[i - 2], cfg.window_size, cfg.swin_depth, cfg.dropout[i], cfg.mlp_ratio)
-            for i in range(2, len(c)))
+        self.down = nn.ModuleList(PreActConv(c[i - 1], c[i], 3) for i in range(2, len(c)))
+        self.stages = nn.ModuleList(_pct_block(cfg, i) for i in range(2, len(c)))
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         skips = []
@@ -191,15 +234,13 @@ class PCTDecoder(nn.Module):
         self.channels = list(c)
         self.strides = cfg.pools
         n = len(c) - 1  # decoder levels 0 .. n-1
-        self.up = nn.ModuleList(
-            nn.ConvTranspose3d(c[i + 1], c[i], cfg.pools[i + 1], stride=cfg.pools[i + 1]) for i in range(n))
+        self.up = nn.ModuleList(PreActUp(c[i + 1], c[i], cfg.pools[i + 1]) for i in range(n))
         self.fuse = nn.ModuleList(
-            same_conv(2 * c[i], c[i], cfg.level0_kernel if i == 0 else 3) for i in range(n))
+            PreActConv(2 * c[i], c[i], cfg.level0_kernel if i == 0 else 3) for i in range(n))
         blocks = [ConvBlock(c[0], c[0], cfg.level0_kernel, cfg.dropout[0]), ConvBlock(c[1], c[1], 3, cfg.dropout[1])]
-        blocks += [PCTBlock(c[i], cfg.heads[i - 2], cfg.window_size, cfg.swin_depth, cfg.dropout[i], cfg.mlp_ratio)
-                   for i in range(2, n)]
+        blocks += [_pct_block(cfg, i) for i in range(2, n)]
         self.blocks = nn.ModuleList(blocks)
-        self.seg_layers = nn.ModuleList(nn.Conv3d(c[i], num_classes, 1) for i in range(n))
+        self.seg_layers = nn.ModuleList(PreActConv(c[i], num_classes, 1) for i in range(n))
 
     def forward(self, skips: List[torch.Tensor]):
         x = skips[-1]
@@ -259,21 +300,14 @@ class PCTNet(nn.Module):
         return (self.encoder.compute_conv_feature_map_size(patch_size)
                 + self.decoder.compute_conv_feature_map_size(patch_size))
 
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """Applied to every module by nnU-Net's get_network_from_plans (``net.apply``)."""
+    def initialize(self, module: nn.Module) -> None:
+        """Applied to every module by nnU-Net's get_network_from_plans (``net.apply(net.initialize)``)."""
         if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-            # Assumption: He init for the PReLU slope at its start value 0.25.
-            nn.init.kaiming_normal_(module.weight, a=0.25)
+            nn.init.kaiming_normal_(module.weight, a=self.config.init_prelu_slope)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        else:
+            init_transformer_weights(module)
 
 
 register_architecture(ArchitectureSpec(

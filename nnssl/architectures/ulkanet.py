@@ -26,11 +26,11 @@ Assumptions (the paper does not fix them; each is a config field):
   paper's parameter counts and within 16 % of its FLOPs (Table 10, read as multiply-adds;
   ``benchmarks/bench_logonet.py``).
 - Decoder convs 3^3 (``decoder_kernel``), no bias before BN, LeakyReLU slope 0.01 (torch's and
-  MONAI's default); upsampling is parameter-free trilinear interpolation (``upsample_mode``).
+  MONAI's default; ``decoder_negative_slope``); upsampling is parameter-free trilinear interpolation (``upsample_mode``).
 - The first stride (4) is split over the last two decoder blocks (x2 each); for a first stride
   s the last two blocks upsample by 2 and s/2 (by 1 where s is odd).
 - LKA details: see ``blocks/lka.py`` (``lka_kernel``, ``lka_dilated_kernel``, ``lka_dilation``,
-  ``attn_projections``).
+  ``attn_projections``, ``lka_residual``).
 - No deep supervision (the paper trains with one Dice+CE output): with
   ``deep_supervision=True`` the forward returns a one-element list.
 - Weight init: He-normal convs (nnU-Net's ``InitWeights_He(1e-2)``), torch defaults for norms.
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from nnssl.architectures.blocks.conv import to_3tuple
-from nnssl.architectures.blocks.lka import LKABlock3d
+from nnssl.architectures.blocks.lka import RESIDUALS, LKABlock3d
 from nnssl.architectures.spec import ArchitectureSpec, register_architecture
 from nnssl.errors import NnsslError
 
@@ -71,8 +71,10 @@ class ULKANetConfig:
     lka_dilated_kernel: int = 7
     lka_dilation: int = 3
     attn_projections: bool = True  # Assumption: VAN's 1x1x1 projections around the LKA
+    lka_residual: str = "pre_norm"  # Assumption: x + Attn(BN(x)) (SPEC); "normed_input": BN(x) + Attn(BN(x))
     decoder_dims: Optional[Tuple[int, ...]] = None  # None: each block halves its input width
     decoder_kernel: int = 3  # Assumption
+    decoder_negative_slope: float = 0.01  # Assumption: the decoder LeakyReLU's slope (torch's / MONAI's default)
     upsample_mode: str = "trilinear"  # Assumption
 
     def __post_init__(self):
@@ -102,6 +104,8 @@ class ULKANetConfig:
             problems.append("lka_kernel and lka_dilated_kernel must be odd, lka_dilation >= 1")
         if self.decoder_kernel % 2 == 0:
             problems.append(f"decoder_kernel {self.decoder_kernel} must be odd")
+        if self.lka_residual not in RESIDUALS:
+            problems.append(f"lka_residual '{self.lka_residual}' must be one of {RESIDUALS}")
         if self.decoder_dims is not None:
             self.decoder_dims = tuple(int(d) for d in self.decoder_dims)
             if len(self.decoder_dims) != n + 1:
@@ -189,7 +193,8 @@ class EncoderBlock(nn.Module):
             nn.Conv3d(in_channels, dim, kernel, stride=stride, padding=tuple(k // 2 for k in kernel), bias=False),
             nn.BatchNorm3d(dim))
         self.blocks = nn.ModuleList(
-            LKABlock3d(dim, mlp_ratio, cfg.lka_kernel, cfg.lka_dilated_kernel, cfg.lka_dilation, cfg.attn_projections)
+            LKABlock3d(dim, mlp_ratio, cfg.lka_kernel, cfg.lka_dilated_kernel, cfg.lka_dilation, cfg.attn_projections,
+                       cfg.lka_residual)
             for _ in range(depth))
         self.norm = LayerNormChannels3d(dim)
 
@@ -235,12 +240,12 @@ class ULKAEncoder(nn.Module):
 class DecoderBlock(nn.Module):
     """3 x (Conv3d -> BN -> LeakyReLU), then upsampling by ``up``. x: [B, c_in, *S] -> [B, c_out, *(S * up)]."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, up: Triple, mode: str):
+    def __init__(self, c_in: int, c_out: int, kernel: int, up: Triple, mode: str, negative_slope: float = 0.01):
         super().__init__()
         layers = []
         for i in range(3):
             layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, kernel, padding=kernel // 2, bias=False),
-                       nn.BatchNorm3d(c_out), nn.LeakyReLU(0.01, inplace=True)]
+                       nn.BatchNorm3d(c_out), nn.LeakyReLU(negative_slope, inplace=True)]
         self.convs = nn.Sequential(*layers)
         self.up_factor = tuple(up)
         if any(f != 1 for f in up):
@@ -272,7 +277,8 @@ class FeatureDecoder(nn.Module):
         for j, (w, up) in enumerate(zip(widths, cfg.up_factors)):
             skip = n - 1 - j  # encoder map concatenated to this block's input (none for j = n)
             c_in = cfg.dims[-1] if j == 0 else widths[j - 1] + (cfg.dims[skip] if skip >= 0 else 0)
-            self.blocks.append(DecoderBlock(c_in, w, cfg.decoder_kernel, up, cfg.upsample_mode))
+            self.blocks.append(DecoderBlock(c_in, w, cfg.decoder_kernel, up, cfg.upsample_mode,
+                                            cfg.decoder_negative_slope))
         self.out_channels = widths[-1]
         self.total_stride = cfg.total_stride
 

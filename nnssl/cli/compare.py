@@ -10,15 +10,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnssl_compare",
         description="Compare evaluated runs, e.g. fine-tuning from scratch versus from each pretraining. "
                     "Writes REPORT.md (a table of mean Dice/HD95/ASSD ± std per run and a per-class Dice "
-                    "table), REPORT.csv (the same numbers, one row per run and class plus a mean row) and "
-                    "REPORT.png (bar charts), and prints the tables. Rows keep the order of the arguments.")
+                    "table), REPORT.csv (the same numbers, one row per run and class plus a mean row), "
+                    "REPORT.png and REPORT.svg (mean Dice, HD95/ASSD, per-class Dice heat map and, where the "
+                    "training's fold folder is found, learning curves against iterations), and prints the "
+                    "tables. Rows keep the order of the arguments.")
     p.add_argument("result_folders", nargs="+", metavar="RESULT_FOLDER",
                    help="a folder holding a summary.json written by nnssl_evaluate (or the summary.json "
                         "itself). An nnssl_run.json beside it with label/architecture/method/pretraining_data "
-                        "names the run; otherwise the folder name is used and the other fields read 'unknown'")
+                        "names the run (its fold_dir, the training's fold folder, gives the learning curves); "
+                        "otherwise the folder name is used and the other fields read 'unknown'")
     p.add_argument("-o", required=True, metavar="REPORT",
                    help="output path without extension, e.g. results/comparison -> results/comparison.md, "
-                        ".csv and .png (written atomically)")
+                        ".csv, .png and .svg (written atomically)")
     return p
 
 
@@ -27,7 +30,7 @@ def _run(args) -> None:
 
     out = compare_runs(args.result_folders, args.o)
     print(out["markdown"])
-    print(f"Wrote {out['md']}, {out['csv']} and {out['png']}")
+    print(f"Wrote {out['md']}, {out['csv']}, {out['png']} and {out['svg']} (the same figure as vector graphics)")
 
 
 def main(argv=None):

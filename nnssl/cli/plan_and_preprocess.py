@@ -45,16 +45,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: recompute the fingerprint and delete the existing preprocessed data of the "
                         "requested configurations and -pd datasets (not with --part)")
     p.add_argument("--no_pbar", action="store_true", help="no progress bars (for cluster logs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show nnU-Net's plans dictionaries and configuration dumps on the console (they "
+                        "are always written to nnUNet_preprocessed/<Dataset>/nnssl_plan_and_preprocess.log)")
+    g = p.add_argument_group("foundation models (pretrain once on a pool, fine-tune many tasks)")
+    g.add_argument("--generic", action="store_true",
+                   help="plan -d (an unlabeled pool; labels, if any, are ignored) on its own: fingerprint over the "
+                        "body instead of labels, CT clipped to a fixed HU window, and preprocess its images as its "
+                        "own pretraining data; then run nnssl_pretrain -d POOL -m METHOD -a ARCH")
+    g.add_argument("--spacing", nargs="+", default=None, metavar="S",
+                   help="with --generic: target spacing, three numbers in the axis order nnU-Net reads the images "
+                        "in (like nnU-Net's -overwrite_target_spacing), or 'median' (per-axis median of the pool); "
+                        "default: nnU-Net's rule")
+    g.add_argument("--ct_window", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                   help="with --generic: clip CT to [LOW, HIGH] HU and scale it to [-1, 1] (default: -1000 1000, "
+                        "as MIS-FM)")
+    g.add_argument("--zscore", action="store_true",
+                   help="with --generic: z-score every image instead of a CT window (e.g. MRI pools)")
+    g.add_argument("--patch", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
+                   help="with --generic: fixed patch size (in the plans' axis order); the network and batch size "
+                        "are planned for it (default: each architecture's planner chooses)")
+    g.add_argument("--like", default=None, metavar="CHECKPOINT",
+                   help="plan the labeled -d like a pretraining checkpoint or model archive (.zip): its spacing, "
+                        "normalization, network and patch, batch size re-planned; writes plans "
+                        "nnsslLike_<arch>_<sha8> to use with nnssl_train -p ... -pretrained CHECKPOINT")
     return p
 
 
 def main(argv=None):
     def run(a: argparse.Namespace) -> None:
-        from nnssl.planning.api import plan_and_preprocess
+        from nnssl.planning.api import details_log, plan_and_preprocess, plans_summary
+        from nnssl.quiet import details_to_log
 
-        plan_and_preprocess(a.d, architectures=a.a, pretraining=a.pd, configurations=a.c, num_processes=a.np,
-                            part=a.part, total_parts=a.total_parts,
-                            verify_dataset_integrity=a.verify_dataset_integrity, no_pp=a.no_pp, preset=a.preset,
-                            gpu_memory_target=a.gpu_memory_target, clean=a.clean, show_progress=not a.no_pbar)
+        title = "nnssl_plan_and_preprocess " + " ".join(sys.argv[1:] if argv is None else argv)
+        with details_to_log(details_log(a.d), a.verbose, title) as log:
+            result = plan_and_preprocess(
+                a.d, architectures=a.a, pretraining=a.pd, configurations=a.c, num_processes=a.np,
+                part=a.part, total_parts=a.total_parts,
+                verify_dataset_integrity=a.verify_dataset_integrity, no_pp=a.no_pp, preset=a.preset,
+                gpu_memory_target=a.gpu_memory_target, clean=a.clean, show_progress=not a.no_pbar,
+                generic=a.generic, spacing=a.spacing, ct_window=a.ct_window, zscore=a.zscore,
+                patch=a.patch, like=a.like)
+        for plans_file in dict.fromkeys((result or {}).get("plans", {}).values()):
+            print("\n".join(plans_summary(plans_file)))
+        if not a.verbose:
+            print(f"nnU-Net's plans and configuration details: {log} (--verbose shows them here)")
 
     sys.exit(run_command(build_parser(), run, argv))

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default="3d_fullres", help="plans configuration (default: 3d_fullres)")
     p.add_argument("--iterations", type=int, default=None,
                    help="total training iterations (default: the method's `iterations` setting, else 100000); "
-                        "with --c a larger value trains an existing run further")
+                        "the lr warm-up and decay points are shares of it (the effective schedule is printed at "
+                        "the start); with --c a larger value trains an existing run further")
     p.add_argument("--iterations_per_epoch", type=int, default=250,
                    help="iterations per epoch: the log, progress.png and checkpoint_latest.pth are updated every "
                         "epoch (default: 250)")

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear learning-rate warm-up over the first N epochs (nnssl trainers only)")
     p.add_argument("--freeze_encoder_epochs", type=int, default=None,
                    help="keep the encoder frozen for the first N epochs (nnssl trainers only)")
+    p.add_argument("--allow_plans_mismatch", action="store_true",
+                   help="fine-tune from a -pretrained checkpoint whose plans preprocess differently (spacing, "
+                        "normalization or its intensity statistics, transpose); refused by default, with the list "
+                        "of differences")
     p.add_argument("-device", default=None, choices=["cpu", "cuda"],
                    help="device (default: cuda when available, else cpu)")
     p.add_argument("--c", dest="continue_training", action="store_true",
@@ -53,7 +57,8 @@ def _run(a: argparse.Namespace):
                 pretrained=a.pretrained, epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
                 val_iterations=a.val_iterations, warmup_epochs=a.warmup_epochs,
                 freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device,
-                continue_training=a.continue_training, npz=a.npz, validation_only=a.validation_only)
+                continue_training=a.continue_training, npz=a.npz, validation_only=a.validation_only,
+                allow_plans_mismatch=a.allow_plans_mismatch)
     print(f"nnssl_train: results in {out['output_folder']}")
 
 

@@ -10,7 +10,11 @@ Without it the label is derived from the folder (for nnU-Net result folders the
 ``Trainer__Plans__config`` part and below, e.g.
 ``nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0/validation``) and the other fields are
 "unknown". Class names come from the nearest ``dataset.json`` in the folder or up to three
-levels above it (nnU-Net result and prediction folders carry one).
+levels above it (nnU-Net result and prediction folders carry one). Learning curves
+(:func:`nnssl.evaluation.curves.learning_curves`) come from the training's fold folder: the
+``fold_dir`` of ``nnssl_run.json``, else the nearest folder (this one or up to three levels
+above) holding an nnU-Net ``checkpoint_final.pth`` or ``training_log_*.txt``; a run without
+one is drawn without curves. The figure is described in :mod:`nnssl.evaluation.report_figure`.
 
 Numbers: per class, mean ± population std over cases, NaN cases skipped and counted; the
 "mean" row is nnU-Net's ``foreground_mean`` value where the summary has it (else the
@@ -19,11 +23,13 @@ the same definitions :mod:`nnssl.evaluation.evaluate` writes. Rows keep the orde
 the runs were given.
 """
 import csv
+import glob
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,6 +56,7 @@ class Run:
     classes: Dict[str, Dict[str, Stats]] = field(default_factory=dict)  # class key -> metric -> stats
     mean: Dict[str, Stats] = field(default_factory=dict)  # metric -> stats over foreground classes
     names: Dict[str, str] = field(default_factory=dict)  # class key -> class name
+    curves: Optional[dict] = None  # learning_curves() of the training, if found
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -122,7 +129,24 @@ def load_run(path: str) -> Run:
             break
     return Run(label=str(info.get("label") or _derived_label(folder)),
                **{f: str(info.get(f) or "unknown") for f in RUN_FIELDS},
-               summary_file=summary_file, n_cases=n_cases, classes=classes, mean=mean, names=names)
+               summary_file=summary_file, n_cases=n_cases, classes=classes, mean=mean, names=names,
+               curves=_curves(folder, info.get("fold_dir")))
+
+
+def _curves(folder: str, fold_dir: Optional[str]) -> Optional[dict]:
+    """Learning curves of the run's training (see the module docstring), or None."""
+    from nnssl.evaluation.curves import learning_curves
+
+    candidates = [os.path.join(folder, fold_dir)] if fold_dir else [  # a relative fold_dir: from the run folder
+        a for a in _ancestors(folder)
+        if os.path.isfile(os.path.join(a, "checkpoint_final.pth")) or glob.glob(os.path.join(a, "training_log_*.txt"))]
+    if not candidates:
+        return None
+    try:
+        return learning_curves(candidates[0])
+    except NnsslError as e:  # a report without one run's curves beats no report
+        print(f"nnssl_compare: no learning curves for {folder}: {e}", file=sys.stderr)
+        return None
 
 
 def _fmt(stats: Stats, digits: int, show_nan: bool = False) -> str:
@@ -179,39 +203,14 @@ def _write_csv(runs: Sequence[Run], path: str) -> None:
                                 r.n_cases, *cells])
 
 
-def _write_png(runs: Sequence[Run], path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _write_figures(runs: Sequence[Run], prefix: str) -> None:
+    """``PREFIX.png`` and ``PREFIX.svg`` (see :mod:`nnssl.evaluation.report_figure`)."""
+    from nnssl.evaluation.report_figure import build_figure, write_figure
 
     classes = _all_classes(runs)
-    fig = Figure(figsize=(min(30.0, 5 + 0.4 * len(runs) + 0.3 * len(classes) * len(runs)), 4.5))
-    FigureCanvasAgg(fig)  # the Agg canvas without touching pyplot's global backend
-    ax_mean, ax_cls = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, max(1, len(classes)) / 2]})
-    x = np.arange(len(runs))
-    colours = [f"C{i % 10}" for i in range(len(runs))]
-
-    def nz(v):  # NaN bars/error bars are drawn as zero; the tables show "n/a"
-        return 0.0 if np.isnan(v) else v
-
-    ax_mean.bar(x, [nz(r.mean["Dice"][0]) for r in runs], yerr=[nz(r.mean["Dice"][1]) for r in runs],
-                color=colours, capsize=4)
-    ax_mean.set_xticks(x, [r.label for r in runs], rotation=30, ha="right", fontsize=7)
-    ax_mean.set_title("mean Dice (± std over cases)")
-    width = 0.8 / max(1, len(runs))
-    cx = np.arange(len(classes))
-    for i, r in enumerate(runs):
-        stats = [r.classes.get(k, {"Dice": (np.nan, np.nan, 0)})["Dice"] for k in classes]
-        ax_cls.bar(cx + (i - (len(runs) - 1) / 2) * width, [nz(s[0]) for s in stats],
-                   yerr=[nz(s[1]) for s in stats], width=width, color=colours[i], capsize=2, label=r.label)
-    ax_cls.set_xticks(cx, [_class_title(runs, k) for k in classes], rotation=30, ha="right", fontsize=7)
-    ax_cls.set_title("Dice per class")
-    ax_cls.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(3, len(runs)))
-    for ax in (ax_mean, ax_cls):
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("Dice")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    fig = build_figure(runs, classes, [_class_title(runs, k) for k in classes])
+    write_figure(fig, prefix + ".png")
+    write_figure(fig, prefix + ".svg")
 
 
 def _unique_labels(runs: List[Run]) -> None:
@@ -224,20 +223,21 @@ def _unique_labels(runs: List[Run]) -> None:
 
 
 def compare_runs(result_folders: Sequence[str], output_prefix: str) -> dict:
-    """Write ``PREFIX.md``, ``PREFIX.csv`` and ``PREFIX.png`` comparing the runs; return paths and markdown.
+    """Write ``PREFIX.md``, ``PREFIX.csv``, ``PREFIX.png`` and ``PREFIX.svg`` comparing the runs; return
+    paths and markdown.
 
-    output_prefix: a path without extension (a trailing .md/.csv/.png is dropped).
+    output_prefix: a path without extension (a trailing .md/.csv/.png/.svg is dropped).
     """
     if not result_folders:
         raise NnsslError("No result folders given; pass one or more folders that hold a summary.json.")
     runs = [load_run(p) for p in result_folders]
     _unique_labels(runs)
-    prefix = re.sub(r"\.(md|csv|png)$", "", os.path.abspath(output_prefix))
+    prefix = re.sub(r"\.(md|csv|png|svg)$", "", os.path.abspath(output_prefix))
     markdown = markdown_report(runs)
     with atomic_path(prefix + ".md") as tmp:
         with open(tmp, "w") as f:
             f.write("# nnssl comparison\n\n" + markdown)
     _write_csv(runs, prefix + ".csv")
-    _write_png(runs, prefix + ".png")
+    _write_figures(runs, prefix)
     return {"markdown": markdown, "md": prefix + ".md", "csv": prefix + ".csv", "png": prefix + ".png",
-            "runs": runs}
+            "svg": prefix + ".svg", "runs": runs}

@@ -28,10 +28,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnssl import paths
+from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
-from nnssl.training.finetune import resolve_device, resolve_run
+from nnssl.training.finetune import fold_folder, resolve_run
 from nnssl.training.trainer_lookup import find_trainer_class
 
 STAGING = ".nnssl_partial"
@@ -117,7 +117,7 @@ def collect_cases(input_folder: str, dataset_json: dict) -> "OrderedDict[str, Li
 
 def _model_folder(ds: str, trainer: str, plans: str, configuration: str, folds: List, checkpoint: str,
                   arch_name: str) -> str:
-    folder = os.path.join(paths.results(), ds, f"{trainer}__{plans}__{configuration}")
+    folder = fold_folder(ds, trainer, plans, configuration)
     for f in folds:
         ckpt = os.path.join(folder, f"fold_{f}", checkpoint)
         if not os.path.isfile(ckpt):

@@ -7,3 +7,6 @@ below; the registry-driven tests then run it on every architecture.
 from nnssl.ssl.base import METHODS, SSLMethod  # noqa: F401
 from nnssl.ssl import volume_fusion  # noqa: F401
 from nnssl.ssl import masked_kmeans  # noqa: F401
+from nnssl.ssl import hybrid_mim  # noqa: F401
+from nnssl.ssl import order_reconstruction  # noqa: F401
+from nnssl.ssl import swin_pretext  # noqa: F401

@@ -16,7 +16,7 @@ A method is three things (the lightly/MAE pattern):
 Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
 overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
 """
-from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,9 @@ from nnssl.registry import Registry
 class SSLMethod(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]
-    # Which parts of the network are meaningful to transfer: "encoder" or "encoder+decoder".
+    # Which parts of the network are meaningful to transfer: "encoder" or "encoder+decoder" (the
+    # paper's choice; every config has a `transfer` field with this default, and the checkpoint
+    # records the config's value).
     transfer: ClassVar[str] = "encoder+decoder"
     # Smallest batch the method can work with (Volume Fusion fuses sample i with i+1: 2).
     min_batch_size: ClassVar[int] = 1
@@ -61,20 +63,46 @@ class SSLMethod(nn.Module):
         return cfg
 
     @classmethod
+    def configure(cls, cfg, build_network: Callable[[], nn.Module], crop_size: Sequence[int],
+                  num_input_channels: int):
+        """Once per run, right after :meth:`prepare` (and for ``nnssl_show_pretext``): fill in config
+        fields that depend on the network, which ``make_batch`` needs in the worker processes (e.g.
+        order_reconstruction's slab count from the encoder's depth downsampling), and return the config
+        to use. ``build_network()`` builds the run's network (call it only if needed). Default: ``cfg``
+        unchanged."""
+        return cfg
+
+    @classmethod
     def make_batch(cls, cfg, images: np.ndarray, rng: np.random.Generator,
                    meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         """images: [B, C, X, Y, Z] float32 normalized crops -> dict of tensors (inputs and targets).
 
         meta: ``{"keys": [case identifier per sample], "boxes": [per sample [[lo, hi] per spatial
-        axis] in the preprocessed volume's voxel coordinates, beyond the volume where padded]}``;
-        methods that do not need it ignore it.
+        axis] in the preprocessed volume's voxel coordinates, beyond the volume where padded],
+        "image_region": [per sample [[lo, hi] per spatial axis] of crop voxels holding image data;
+        the rest is padding]}``; methods that do not need it ignore it.
         """
         raise NotImplementedError
+
+    @classmethod
+    def draw_cases(cls, cfg, n_cases: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """Indices [batch_size] of the cases the loader crops the samples of a batch from (first draw of
+        the batch's generator). Default: uniform, with replacement. NnsslError when ``n_cases`` cannot
+        make a batch (the loader calls this once at start-up, so that surfaces before training)."""
+        return rng.integers(0, n_cases, size=batch_size)
 
     @classmethod
     def preview(cls, cfg, batch: Dict[str, torch.Tensor]) -> List[Tuple[str, np.ndarray]]:
         """Volumes [X, Y, Z] of sample 0 to show in ``nnssl_show_pretext``: (title, volume)."""
         raise NotImplementedError
+
+    @classmethod
+    def preview_from_images(cls, cfg, images: np.ndarray, rng: np.random.Generator,
+                            meta: Optional[dict] = None) -> List[Tuple[str, np.ndarray]]:
+        """The panels ``nnssl_show_pretext`` draws, from the loader's crops [B, C, X, Y, Z] (what
+        ``make_batch`` receives). Default: :meth:`preview` of ``make_batch``; override it to also
+        show intermediate volumes (e.g. the scans that were fused), with the same draws."""
+        return cls.preview(cfg, cls.make_batch(cfg, images, rng, meta=meta))
 
     # --- runs in the training process ---
     def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -84,8 +112,30 @@ class SSLMethod(nn.Module):
         """Called by the engine after every optimizer step (e.g. to update an EMA target network,
         BYOL's momentum encoder). Default: nothing."""
 
+    def epoch_messages(self, record: dict) -> List[str]:
+        """Called by the engine after every epoch with its log record (``record["losses"]`` holds the
+        epoch mean of every scalar ``forward_loss`` returned, also monitors that are not trained,
+        e.g. swin_pretext's projection spread); the returned lines are written to the training log
+        (e.g. a collapse warning). Default: none."""
+        return []
+
 
 METHODS: Registry[type] = Registry("SSL method", "-m")
+
+TRANSFERS = ("encoder", "encoder+decoder")  # what a config's / checkpoint's `transfer` may say
+
+
+def check_common_fields(method: str, cfg) -> None:
+    """Refuse (NnsslError) a bad ``transfer`` or ``grad_clip`` field of a method config (fields every
+    method config has: SPEC §5)."""
+    from nnssl.errors import NnsslError
+
+    if cfg.transfer not in TRANSFERS:
+        raise NnsslError(f"{method}: transfer={cfg.transfer!r} must be one of {', '.join(TRANSFERS)}; fix it with "
+                         f"--set transfer=VALUE.")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise NnsslError(f"{method}: grad_clip={cfg.grad_clip} must be > 0 (a max gradient norm) or none (no "
+                         f"clipping); fix it with --set grad_clip=none.")
 
 
 def compatible_architectures(method: str) -> List[str]:

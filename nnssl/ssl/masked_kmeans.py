@@ -6,22 +6,28 @@ slice of every pretraining volume (:mod:`nnssl.ssl.pseudo_labels`, cached on dis
 (:mod:`nnssl.transforms.slice_masking`) and the labels of the crop's slices are looked up. The
 network, built with ``feature_channels`` outputs, sees the masked crop; a head turns its output
 into per-slice logits for each clusterer; the loss is the cross-entropy of softmax(logits / τ)
-against every clusterer's label, on the masked slices only. Only the encoder is transferred.
+against every clusterer's label, on the masked slices only. Encoder and decoder are transferred
+(paper Fig. 2: only the classification head is replaced for fine-tuning; config field ``transfer``).
 
 Assumptions (the authors' code is not public; each has a config field where it is a number):
 - ``feature_channels`` = 32: the segmentation network's output layer acts as a feature projection
   and the head works on its [B, F, D, H, W] output (the paper's head sits "on top of the model");
   any architecture works, the method uses only the network's forward output;
-- head: mean over H, W per slice -> [B, D, F] -> Linear(F, ``head_hidden`` = 256) -> GELU ->
-  one Linear to sum(K_n) logits, split per clusterer. Algorithm 4 (a chain of convs over permuted
-  axes tied to a fixed 96³ crop) is replaced by this size-independent head, as SPEC §7.2 allows;
-- loss normalization: eq. 4 sums over clusterers and masked slices; nnssl sums over clusterers
-  and averages over the masked, non-padded slices of the batch, so the loss scale does not depend
-  on φ1, M or the batch size (a batch without masked slices gives loss 0);
-- masked voxels are set to ``mask_value`` = 0 (see slice_masking); chains clip at the crop;
-- schedule: the paper's 100 epochs with 10 warm-up epochs become ``iterations`` = 100k with
-  ``warmup_iterations`` = 10% of them (set both when changing the length: the engine's schedule
-  takes an absolute warm-up);
+- head: a per-slice pooling over H, W (``head_pool`` = "mean", or "max") -> [B, D, F] ->
+  Linear(F, ``head_hidden`` = 256) -> GELU -> one Linear to sum(K_n) logits, split per clusterer.
+  Algorithm 4 (a chain of convs over permuted axes tied to a fixed 96³ crop) is replaced by this
+  size-independent head, as SPEC §7.2 allows;
+- loss normalization (``loss_normalization``): eq. 4 sums over clusterers and masked slices
+  ("sum"); nnssl's default "mean_slices" sums over clusterers and averages over the masked,
+  non-padded slices of the batch, so the loss scale does not depend on φ1, M or the batch size (a
+  batch without masked slices gives loss 0);
+- masked voxels are set to ``mask_value`` = 0, a semantic change from the paper: its CT
+  intensities are scaled to [0, 1] (HU [−1000, 1000]), where 0 is air; after nnU-Net's CT
+  normalization (z-scored around the foreground mean) 0 is soft tissue (see slice_masking);
+  chains clip at the crop;
+- schedule: the paper's 100 epochs with 10 warm-up epochs become ``iterations`` = 100k with a
+  warm-up of ``warmup_fraction`` = 10 % of whatever ``--iterations`` is, then cosine over the rest
+  (``--set warmup_iterations=N`` gives an absolute warm-up instead);
 - ``batch_size`` = 2: the paper uses 1 case per GPU with 2 random crops per case (16 GPUs);
 - pseudo-label assumptions (slice vectors, shared fit subset, fit passes): see pseudo_labels.
 """
@@ -36,8 +42,12 @@ from torch import nn
 
 from nnssl.errors import NnsslError
 from nnssl.ssl import pseudo_labels
-from nnssl.ssl.base import METHODS, SSLMethod
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
 from nnssl.transforms.slice_masking import apply_slice_mask, draw_slice_mask
+
+
+POOLS = ("mean", "max")
+NORMALIZATIONS = ("mean_slices", "sum")
 
 
 @dataclass
@@ -49,7 +59,9 @@ class MaskedKMeansConfig:
     chain_length: int = 5  # M
     patch_sizes: Tuple[int, ...] = (1, 2, 4, 8, 16, 32, 96)  # P_j
     patch_mask_prob: float = 0.7  # φ2
-    mask_value: float = 0.0  # Assumption: masked voxels = nnU-Net's padding value
+    # Assumption: masked voxels = 0, nnU-Net's padding value; that is soft tissue after nnU-Net's CT
+    # normalization, where the paper's [0, 1] scaling makes 0 air (a semantic change).
+    mask_value: float = 0.0
     # pseudo-labels
     n_clusterers: int = 80  # N (paper also: 1, 40)
     k_min: int = 80  # K_n ~ U{k_min..k_max}
@@ -63,6 +75,8 @@ class MaskedKMeansConfig:
     # head and loss
     feature_channels: int = 32  # Assumption: network output channels fed to the head
     head_hidden: int = 256  # Assumption: hidden width of the head's MLP
+    head_pool: str = "mean"  # Assumption: per-slice pooling of the features over H, W ("mean" | "max")
+    loss_normalization: str = "mean_slices"  # Assumption: "mean_slices" (see above) | "sum" (eq. 4 as written)
     temperature: float = 0.1  # τ, eq. 5
     # pretraining schedule (paper: AdamW, lr 1e-4, wd 1e-5, 100 epochs, 10 warm-up, cosine)
     optimizer: str = "adamw"
@@ -70,8 +84,12 @@ class MaskedKMeansConfig:
     weight_decay: float = 1e-5
     lr_schedule: str = "cosine"
     iterations: int = 100_000  # Assumption: the engine counts iterations, not epochs
-    warmup_iterations: int = 10_000  # 10% of `iterations` (paper: 10 of 100 epochs)
+    warmup_fraction: float = 0.1  # share of the run (paper: 10 of 100 epochs)
+    warmup_iterations: Optional[int] = None  # absolute warm-up; None = warmup_fraction of the run
     batch_size: int = 2  # Assumption: paper = 1 case x 2 crops per GPU
+    # fine-tuning hand-over (paper Fig. 2: only the classification head is replaced)
+    transfer: str = "encoder+decoder"
+    grad_clip: Optional[float] = None  # max gradient norm; the paper clips nothing
 
     def __post_init__(self):
         self.patch_sizes = tuple(int(p) for p in self.patch_sizes)
@@ -90,30 +108,38 @@ class MaskedKMeansConfig:
             (self.feature_channels >= 1 and self.head_hidden >= 1, "feature_channels and head_hidden must be >= 1"),
             (self.temperature > 0, "temperature must be > 0 (paper: 0.1)"),
             (self.kmeans_init in ("k-means++", "random"), "kmeans_init must be k-means++ or random"),
+            (self.head_pool in POOLS, f"head_pool must be one of {', '.join(POOLS)}"),
+            (self.loss_normalization in NORMALIZATIONS,
+             f"loss_normalization must be one of {', '.join(NORMALIZATIONS)}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise NnsslError(f"masked_kmeans: {msg}; fix it with --set key=value.")
+        check_common_fields("masked_kmeans", self)
 
 
 class SliceClusterHead(nn.Module):
-    """features [B, F, D, H, W] -> logits [B, D, sum(K_n)] (per-slice mean over H, W, then an MLP)."""
+    """features [B, F, D, H, W] -> logits [B, D, sum(K_n)] (per-slice mean or max over H, W, then an MLP)."""
 
-    def __init__(self, in_channels: int, hidden: int, cluster_sizes: Sequence[int]):
+    def __init__(self, in_channels: int, hidden: int, cluster_sizes: Sequence[int], pool: str = "mean"):
         super().__init__()
         self.cluster_sizes = [int(k) for k in cluster_sizes]
+        self.pool = pool
         self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.GELU(), nn.Linear(hidden, sum(self.cluster_sizes)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features.mean(dim=(3, 4)).transpose(1, 2))
+        pooled = features.mean(dim=(3, 4)) if self.pool == "mean" else features.amax(dim=(3, 4))
+        return self.mlp(pooled.transpose(1, 2))
 
 
 def multi_clusterer_ce(logits: torch.Tensor, cluster_sizes: Sequence[int], labels: torch.Tensor,
-                       masked_slices: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Eq. 4 averaged over slices: sum over clusterers n of CE(softmax(logits_n / τ), label_n).
+                       masked_slices: torch.Tensor, temperature: float,
+                       normalization: str = "mean_slices") -> torch.Tensor:
+    """Eq. 4: sum over clusterers n and counted slices of CE(softmax(logits_n / τ), label_n).
 
     logits: [B, D, sum(K_n)]; labels: [B, D, N] (−1 = padded slice); masked_slices: bool [B, D].
-    Only masked, non-padded slices count; the sum over them is divided by their number (>= 1).
+    Only masked, non-padded slices count; with ``normalization="mean_slices"`` the sum is divided by
+    their number (>= 1), with "sum" it is returned as is.
     """
     valid = masked_slices.bool() & (labels[..., 0] >= 0)
     sel = logits[valid].float() / temperature  # [S, sum K_n]
@@ -121,7 +147,7 @@ def multi_clusterer_ce(logits: torch.Tensor, cluster_sizes: Sequence[int], label
     total = sel.sum() * 0.0  # keeps the graph connected when no slice is masked
     for n, part in enumerate(torch.split(sel, list(cluster_sizes), dim=1)):
         total = total + F.cross_entropy(part, target[:, n], reduction="sum")
-    return total / valid.sum().clamp(min=1)
+    return total if normalization == "sum" else total / valid.sum().clamp(min=1)
 
 
 def _paint(per_slice: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -136,7 +162,7 @@ class MaskedKMeans(SSLMethod):
 
     name = "masked_kmeans"
     config_class = MaskedKMeansConfig
-    transfer = "encoder"
+    transfer = MaskedKMeansConfig.transfer
     min_batch_size = 1
 
     def __init__(self, cfg: MaskedKMeansConfig, network: nn.Module, patch_size, num_input_channels: int):
@@ -145,7 +171,7 @@ class MaskedKMeans(SSLMethod):
             raise RuntimeError("masked_kmeans: cfg.label_cache is unset; the engine must call "
                                "MaskedKMeans.prepare(cfg, data_folder, identifiers, seed) and use the cfg it returns.")
         self.cluster_sizes = pseudo_labels.cluster_sizes(cfg.label_cache)
-        self.head = SliceClusterHead(cfg.feature_channels, cfg.head_hidden, self.cluster_sizes)
+        self.head = SliceClusterHead(cfg.feature_channels, cfg.head_hidden, self.cluster_sizes, cfg.head_pool)
 
     @classmethod
     def network_output_channels(cls, cfg: MaskedKMeansConfig) -> int:
@@ -217,5 +243,5 @@ class MaskedKMeans(SSLMethod):
             out = out[0]
         logits = self.head(out)
         ce = multi_clusterer_ce(logits, self.cluster_sizes, batch["labels"], batch["masked_slices"],
-                                self.cfg.temperature)
+                                self.cfg.temperature, self.cfg.loss_normalization)
         return {"ce": ce, "loss": ce}

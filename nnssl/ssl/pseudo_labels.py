@@ -1,16 +1,17 @@
 """Multi-clusterer k-means pseudo-labels for every slice (Masked LoGoNet, paper 000 §3.3.2, app. 8.1).
 
 N clusterers (scikit-learn ``MiniBatchKMeans``), clusterer n with K_n ~ U{k_min..k_max}
-clusters, are fitted on a random ``fit_fraction`` of the pretraining volumes (at least one),
-then label every slice (along D of the preprocessed [C, D, H, W] volume) of every volume. The
+clusters, are fitted in ``fit_epochs`` passes, each over a fresh random ``fit_fraction`` of the
+pretraining volumes (at least one; paper appendix 8.1: "each iteration utilizing a randomly
+selected 10% subset"), then label every slice (along D of the preprocessed [C, D, H, W] volume) of every volume. The
 clusterers see unmasked data. The labels are stored once, in a single int16 array
 ``[total slices, N]`` under ``<data folder>/nnssl_kmeans_cache/<key>.npy`` plus ``<key>.json``
-(case id -> [row offset, n slices], the K_n, the fit cases), and looked up per crop in the loader
+(case id -> [row offset, n slices], the K_n, the fit cases of every pass), and looked up per crop in the loader
 workers through a read-only memory map.
 
-Scaling: fitting streams over the fit volumes (one volume in memory at a time; its slice vectors
-go into a chunk of at least ``max(fit_chunk_slices, max K_n)`` slices, and each full chunk is one
-``partial_fit`` step of every clusterer), ``fit_epochs`` passes; labelling streams over all
+Scaling: fitting streams over each pass's volumes (one volume in memory at a time; its slice
+vectors go into a chunk of at least ``max(fit_chunk_slices, max K_n)`` slices, and each full chunk
+is one ``partial_fit`` step of every clusterer); labelling streams over all
 volumes into a memory-mapped output. Memory does not grow with the number of volumes; it is one
 volume, one chunk and the centres (N·ΣK_n·C·size² float32: ~90 MiB for the defaults, C = 1).
 
@@ -25,12 +26,13 @@ Assumptions (the paper does not say):
   sizes; preprocessed volumes differ in-plane, so every slice is first area-resampled
   (adaptive average pooling; replication where a slice is smaller) to
   ``slice_vector_size``² pixels -> vectors of length C·size² (default 32 -> 1024 per channel);
-- one fit subset shared by all clusterers (one read of a volume feeds all N of them); the
-  clusterers differ in K_n and in their random state;
-- ``fit_epochs`` passes over the fit subset (the paper's "350 iterations, each on a random 10%"
-  is ambiguous); minibatch = one chunk of ``fit_chunk_slices`` slices (sklearn's default
-  batch is 1024);
-- K_n larger than the number of fit slices is reduced to it, with a warning;
+- the subset of a pass is shared by all clusterers (one read of a volume feeds all N of them);
+  the clusterers differ in K_n and in their random state;
+- ``fit_epochs`` = 5 passes (the paper's "350 iterations, each on a random 10%" does not say
+  whether an iteration is a pass over the subset or one minibatch step); minibatch = one chunk of
+  ``fit_chunk_slices`` slices (sklearn's default batch is 1024);
+- K_n larger than the number of slices of the first pass (which initializes the centres) is
+  reduced to it, with a warning;
 - centres seeded with sklearn's default k-means++ on the first chunk (``kmeans_init``; "random"
   is much faster for large K and large chunks, at some cost in cluster quality).
 """
@@ -52,7 +54,7 @@ from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, write_json
 
 CACHE_DIR = "nnssl_kmeans_cache"
-CACHE_VERSION = 1  # bump when the label computation changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the label computation changes, so old caches are not reused (2: fresh subsets)
 CLUSTERING_FIELDS = ("n_clusterers", "k_min", "k_max", "fit_fraction", "fit_epochs", "fit_chunk_slices",
                      "slice_vector_size", "kmeans_init")
 CASE_FILE_ENDINGS = (".b2nd", ".pkl")  # nnU-Net's blosc2 case: data + properties
@@ -61,12 +63,12 @@ PADDED = -1  # label of slices outside the volume (padding): ignored by the loss
 
 @dataclass
 class ClusteringDraw:
-    """The random choices: K_n [N], random_state_n [N], fit case indices (sorted), per-epoch orders."""
+    """The random choices: K_n [N], random_state_n [N], and per fit pass the indices of its volumes
+    (a fresh random subset of ``fit_fraction`` of them, in reading order)."""
 
     cluster_sizes: np.ndarray
     random_states: np.ndarray
-    fit_cases: np.ndarray
-    epoch_orders: List[np.ndarray]
+    pass_cases: List[np.ndarray]
 
 
 def draw_clustering(n_volumes: int, seed: int, cfg) -> ClusteringDraw:
@@ -75,9 +77,8 @@ def draw_clustering(n_volumes: int, seed: int, cfg) -> ClusteringDraw:
     sizes = rng.integers(cfg.k_min, cfg.k_max + 1, size=cfg.n_clusterers)
     states = rng.integers(0, 2 ** 31 - 1, size=cfg.n_clusterers)
     n_fit = min(n_volumes, max(1, int(round(cfg.fit_fraction * n_volumes))))
-    fit = np.sort(rng.choice(n_volumes, size=n_fit, replace=False))
-    orders = [rng.permutation(fit) for _ in range(cfg.fit_epochs)]
-    return ClusteringDraw(sizes, states, fit, orders)
+    passes = [rng.permutation(n_volumes)[:n_fit] for _ in range(cfg.fit_epochs)]
+    return ClusteringDraw(sizes, states, passes)
 
 
 def slice_vectors(volume: np.ndarray, size: int) -> np.ndarray:
@@ -142,14 +143,15 @@ def _chunks(dataset, order: Sequence[str], size: int, min_rows: int, bar) -> Ite
 
 def fit_clusterers(dataset, identifiers: Sequence[str], draw: ClusteringDraw, cluster_sizes: Sequence[int],
                    cfg, show_progress: bool = True) -> List[MiniBatchKMeans]:
-    """Stream ``fit_epochs`` passes over the fit cases; each chunk is one partial_fit step per clusterer."""
+    """Stream the ``fit_epochs`` passes (each over its own subset); each chunk is one partial_fit step per
+    clusterer."""
     models = [MiniBatchKMeans(n_clusters=int(k), init=cfg.kmeans_init, random_state=int(s), n_init=1,
                               compute_labels=False, batch_size=int(cfg.fit_chunk_slices))
               for k, s in zip(cluster_sizes, draw.random_states)]
     min_rows = max(int(cfg.fit_chunk_slices), int(max(cluster_sizes)))  # the first step initializes K_n centres
-    total = sum(len(o) for o in draw.epoch_orders)
+    total = sum(len(o) for o in draw.pass_cases)
     with tqdm(total=total, desc="k-means fit (volumes)", disable=not show_progress, leave=False) as bar:
-        for order in draw.epoch_orders:
+        for order in draw.pass_cases:
             for chunk in _chunks(dataset, [identifiers[i] for i in order], cfg.slice_vector_size, min_rows, bar):
                 for m in models:
                     if cfg.kmeans_init == "k-means++" and not hasattr(m, "cluster_centers_"):
@@ -188,7 +190,7 @@ def build_or_load_cache(data_folder: str, identifiers: Sequence[str], seed: int,
     dataset = nnUNetDatasetBlosc2(data_folder, identifiers)
     n_slices = volume_depths(dataset, identifiers)
     draw = draw_clustering(len(identifiers), seed, cfg)
-    n_fit = int(sum(n_slices[i] for i in draw.fit_cases))
+    n_fit = int(sum(n_slices[i] for i in draw.pass_cases[0]))  # the first pass initializes the centres
     if n_fit < 2:
         raise NnsslError(f"masked_kmeans: the k-means fit cases in {data_folder} have only {n_fit} slice(s); "
                          f"clustering needs at least 2. Add pretraining volumes or raise --set fit_fraction.")
@@ -202,7 +204,7 @@ def build_or_load_cache(data_folder: str, identifiers: Sequence[str], seed: int,
     offsets = write_labels(dataset, identifiers, n_slices, models, labels_path, cfg, show_progress)
     write_json({"key": key, "seed": int(seed), "cluster_sizes": sizes,
                 "config": {f: _plain(getattr(cfg, f)) for f in CLUSTERING_FIELDS},
-                "fit_cases": [identifiers[i] for i in draw.fit_cases],
+                "fit_passes": [[identifiers[i] for i in order] for order in draw.pass_cases],
                 "cases": {i: [int(o), int(n)] for i, o, n in zip(identifiers, offsets, n_slices)}}, index_path)
     return labels_path
 

@@ -21,6 +21,7 @@ import torch
 
 from nnssl import paths
 from nnssl.datasets import resolve
+from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 
@@ -42,17 +43,6 @@ class RunOptions:
                              else saved.get(f.name) for f in fields(self)})
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
-    """'cpu' / 'cuda' / None (cuda when available, else cpu)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda", "mps"):
-        raise NnsslError(f"-device '{device}' is not supported; use cpu or cuda.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NnsslError("-device cuda was requested but torch sees no CUDA GPU; use -device cpu.")
-    return torch.device(device)
-
-
 def _fold(fold: Union[int, str]) -> Union[int, str]:
     if str(fold) == "all":
         return "all"
@@ -60,6 +50,18 @@ def _fold(fold: Union[int, str]) -> Union[int, str]:
         return int(fold)
     except ValueError:
         raise NnsslError(f"Fold '{fold}' is not a number or 'all'; nnU-Net folds are 0-4 (or 'all').") from None
+
+
+def fold_folder(ds: str, trainer_name: str, plans_name: str, configuration: str, fold=None) -> str:
+    """``$nnUNet_results/DatasetXXX/Trainer__Plans__config[/fold_X]``, named by nnU-Net's own function.
+
+    (nnU-Net's ``get_output_folder`` reads ``nnUNet_results`` once at import; nnssl's folders follow
+    the variable as it is now, see ``nnssl.paths``.)"""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    folder = os.path.join(paths.results(), ds,
+                          convert_trainer_plans_config_to_identifier(trainer_name, plans_name, configuration))
+    return folder if fold is None else os.path.join(folder, f"fold_{fold}")
 
 
 def _positive(name: str, value: Optional[int], minimum: int = 1) -> None:
@@ -171,7 +173,7 @@ def build_trainer(dataset, configuration: str = "3d_fullres", fold: Union[int, s
     _check_fold_possible(ds, plans_dict, configuration, fold)
     trainer_cls = find_trainer_class(trainer_name)
     name = trainer_cls.__name__
-    fold_dir = os.path.join(paths.results(), ds, f"{name}__{plans_name}__{configuration}", f"fold_{fold}")
+    fold_dir = fold_folder(ds, name, plans_name, configuration, fold)
     plans_dict["continue_training"] = continue_training
     dataset_json = load_json(os.path.join(paths.preprocessed(), ds, "dataset.json"))
     tr = trainer_cls(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json, device=dev)
@@ -185,8 +187,15 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
           epochs: Optional[int] = None, iterations_per_epoch: Optional[int] = None,
           val_iterations: Optional[int] = None, warmup_epochs: Optional[int] = None,
           freeze_encoder_epochs: Optional[int] = None, device: Optional[str] = None,
-          continue_training: bool = False, npz: bool = False, validation_only: bool = False) -> dict:
-    """Train (or fine-tune with ``pretrained``) one fold; returns the fold folder and the injection report."""
+          continue_training: bool = False, npz: bool = False, validation_only: bool = False,
+          allow_plans_mismatch: bool = False, final_validation: bool = True) -> dict:
+    """Train (or fine-tune with ``pretrained``) one fold; returns the fold folder and the injection report.
+
+    ``final_validation=False`` skips nnU-Net's prediction of the validation cases after training
+    (``nnssl_benchmark_ssl`` reads the per-epoch validation from the log and tests on its own cases).
+
+    ``allow_plans_mismatch``: fine-tune from a checkpoint pretrained under plans that preprocess
+    differently (see ``injection.py``); the differences are logged instead of refused."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnssl.training.injection import inject_pretrained
 
@@ -204,7 +213,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                          f"checkpoint_final.pth written by nnssl_pretrain.")
     # Checked before the trainer exists: constructing it creates the fold folder and a log file.
     ds, plans_name, trainer_name, _ = resolve_run(dataset, configuration, architecture, plans, trainer)
-    probe = os.path.join(paths.results(), ds, f"{trainer_name}__{plans_name}__{configuration}", f"fold_{_fold(fold)}")
+    probe = fold_folder(ds, trainer_name, plans_name, configuration, _fold(fold))
     resume_from = None
     if continue_training:
         resume_from = _checkpoint_to_continue(probe, f"nnssl_train {dataset} {configuration} {fold} (without --c)")
@@ -225,7 +234,9 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     report = None
     if pretrained is not None:
         tr.initialize()
-        report = inject_pretrained(tr, pretrained)
+        report = inject_pretrained(tr, pretrained, allow_plans_mismatch=allow_plans_mismatch)
+        if hasattr(tr, "nnssl_on_pretrained"):  # e.g. per-group lrs of nnsslTrainer_Short
+            tr.nnssl_on_pretrained(report)
     elif resume_from is not None:
         tr.load_checkpoint(resume_from)
     if not validation_only:
@@ -233,6 +244,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                     "configuration": configuration,
                     "pretrained": os.path.abspath(pretrained) if pretrained else saved.get("pretrained")}, saved_file)
         tr.run_training()
-    tr.perform_actual_validation(npz)
+    if final_validation:
+        tr.perform_actual_validation(npz)
     return {"output_folder": tr.output_folder, "trainer": type(tr).__name__, "plans": run.plans_name,
             "dataset": run.dataset, "injection": report.to_dict() if report is not None else None}

@@ -19,6 +19,12 @@ plans. The comparison of ``arch_kwargs`` is exact: nnssl's planner writes the sa
 the same target dataset, architecture and preset, so pretraining and fine-tuning with the same
 plans always match; a checkpoint pretrained under other plans (another patch size that changed
 the number of stages, another preset) is refused rather than half loaded.
+
+Then :func:`nnssl.checkpoints.compare_plans` compares the plans the checkpoint was pretrained
+under with the fine-tuning plans: a difference that changes what the network sees (spacing,
+normalization and its intensity statistics, ``transpose_forward``) is refused with the list of
+differences, unless ``allow_plans_mismatch`` (``nnssl_train --allow_plans_mismatch``) is set;
+harmless differences (plans name, patch size, ...) are reported in the log and in the JSON report.
 """
 import hashlib
 import os
@@ -29,12 +35,10 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from nnssl.checkpoints import compare_plans, is_output_head, load_pretraining_checkpoint, plans_facts, unwrap_network
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
-from nnssl.training.trainers.base import unwrap_network
-
-HEAD_KEY_PART = ".seg_layers."
-TRANSFERS = ("encoder", "encoder+decoder")
+from nnssl.ssl.base import TRANSFERS
 REPORT_FILE = "nnssl_pretrained.json"
 
 LOADED, SKIPPED_SHAPE, SKIPPED_NOT_TRANSFERABLE, NOT_IN_CHECKPOINT, OUTPUT_HEAD = (
@@ -135,7 +139,7 @@ def transfer_weights(network: nn.Module, weights: Dict[str, torch.Tensor], trans
     with torch.no_grad():
         for name, tensor in tensors.items():
             report.numel[name] = tensor.numel()
-            if HEAD_KEY_PART in name:
+            if is_output_head(name):
                 report.status[name] = OUTPUT_HEAD
             elif name not in weights:
                 report.status[name] = NOT_IN_CHECKPOINT
@@ -160,21 +164,38 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def inject_pretrained(trainer, checkpoint_path: str) -> InjectionReport:
+def check_plans(ckpt: dict, checkpoint_path: str, plans_manager, configuration: str,
+                allow_plans_mismatch: bool = False):
+    """Compare the checkpoint's plans with the fine-tuning plans; NnsslError on a refused difference
+    unless ``allow_plans_mismatch``. Returns the :class:`~nnssl.checkpoints.PlansComparison`."""
+    comparison = compare_plans(ckpt, plans_facts(plans_manager, configuration))
+    if comparison.refused and not allow_plans_mismatch:
+        harmless = f" (Harmless, for information: {'; '.join(comparison.harmless)}.)" if comparison.harmless else ""
+        raise NnsslError(
+            f"Checkpoint {checkpoint_path} was pretrained on images preprocessed differently from the fine-tuning "
+            f"plans '{plans_manager.plans_name}' ({configuration}): " + "; ".join(comparison.refused) + ". The "
+            f"pretrained weights would see other intensities or voxel sizes than they learned on. Fine-tune with "
+            f"the plans it was pretrained under (-p {ckpt['plans_name']}), or pass --allow_plans_mismatch to "
+            f"fine-tune anyway." + harmless)
+    return comparison
+
+
+def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool = False) -> InjectionReport:
     """Load a pretraining checkpoint into an initialized nnU-Net trainer's network.
 
-    Refuses (NnsslError) a checkpoint that does not fit the trainer's plans; prints the report,
-    writes it to the trainer's log and, with the checkpoint's identity, to
-    ``<fold folder>/nnssl_pretrained.json``.
+    Refuses (NnsslError) a checkpoint that does not fit the trainer's network or plans (see the
+    module docstring; ``allow_plans_mismatch`` turns a plans refusal into a logged warning); prints
+    the report, writes it to the trainer's log and, with the checkpoint's identity and the plans
+    differences, to ``<fold folder>/nnssl_pretrained.json``.
     """
-    from nnssl.checkpoints import load_pretraining_checkpoint
-
     if not trainer.was_initialized:
         raise RuntimeError("inject_pretrained needs an initialized trainer (call trainer.initialize() first)")
     cm = trainer.configuration_manager
     ckpt = load_pretraining_checkpoint(checkpoint_path, expected_architecture_class=cm.network_arch_class_name,
                                        expected_arch_kwargs=cm.network_arch_init_kwargs,
                                        expected_input_channels=trainer.num_input_channels)
+    plans = check_plans(ckpt, checkpoint_path, trainer.plans_manager, trainer.configuration_name,
+                        allow_plans_mismatch)
     report = transfer_weights(trainer.network, ckpt["network_weights"], ckpt["transfer"])
     if report.n_loaded == 0:
         raise NnsslError(f"No tensor of checkpoint {checkpoint_path} matches the fine-tuning network by name and "
@@ -183,6 +204,10 @@ def inject_pretrained(trainer, checkpoint_path: str) -> InjectionReport:
     method = ckpt["method"].get("name")
     trainer.print_to_log_file(f"nnssl: pretrained weights from {checkpoint_path} (method {method}, iteration "
                               f"{ckpt['iteration']})\n" + report.format())
+    for line in plans.refused:
+        trainer.print_to_log_file(f"nnssl: WARNING plans differ (allowed by --allow_plans_mismatch): {line}")
+    for line in plans.harmless:
+        trainer.print_to_log_file(f"nnssl: plans differ (harmless): {line}")
     write_json({
         "checkpoint": os.path.abspath(checkpoint_path),
         "sha256": sha256_of(checkpoint_path),
@@ -192,6 +217,7 @@ def inject_pretrained(trainer, checkpoint_path: str) -> InjectionReport:
         "pretraining_data": ckpt["pretraining_data"],
         "architecture": ckpt["architecture"].get("name"),
         "plans_name": ckpt["plans_name"],
+        "plans_differences": {**plans.to_dict(), "allowed": bool(plans.refused)},
         "report": report.to_dict(),
     }, os.path.join(trainer.output_folder, REPORT_FILE))
     return report

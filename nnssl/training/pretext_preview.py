@@ -22,10 +22,7 @@ def show_pretext(dataset, method: str, output_file: str, architecture: str = "pl
                        seed)
     loader = PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, seed)
     images, meta, rng = loader.images(iteration)  # images: [B, C, D, H, W]
-    if hasattr(s.method_cls, "preview_from_images"):
-        panels = s.method_cls.preview_from_images(s.cfg, images, rng, meta=meta)
-    else:
-        panels = s.method_cls.preview(s.cfg, s.method_cls.make_batch(s.cfg, images, rng, meta=meta))
+    panels = s.method_cls.preview_from_images(s.cfg, images, rng, meta=meta)
     path = os.path.abspath(output_file)
     save_pretext_mosaic(panels, path, spacing=s.cm.spacing,
                         title=f"{method} on {s.target} (data: {s.source}, {s.arch.name} plans, crop "

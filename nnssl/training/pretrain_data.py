@@ -1,8 +1,9 @@
 """The deterministic per-iteration pretraining loader.
 
 Batch number ``i`` is a pure function of ``(seed, rank, i)``: its generator is
-``np.random.default_rng([seed, rank, i])``, which draws the cases, the crop positions and
-everything the method's ``make_batch`` randomizes. With W background workers, worker ``w``
+``np.random.default_rng([seed, rank, i])``, which draws the cases (the method's ``draw_cases``:
+with replacement by default, two different scans for every Volume Fusion pair), the crop
+positions and everything the method's ``make_batch`` randomizes. With W background workers, worker ``w``
 produces ``i = start + w, start + w + W, ...`` and batchgenerators' (deterministic)
 ``MultiThreadedAugmenter`` returns them round-robin, so the i-th batch is the same for any
 worker count and after a resume that starts at ``start``. Every item carries its iteration
@@ -45,18 +46,25 @@ def draw_crop_box(rng: np.random.Generator, shape: Sequence[int], crop_size: Seq
     return box
 
 
-def sample_images(dataset: nnUNetDatasetBlosc2, identifiers: Sequence[str], batch_size: int,
+def image_region(box: Sequence[Sequence[int]], shape: Sequence[int]) -> List[List[int]]:
+    """The half-open box [[lo, hi], ...] of crop voxels that hold image data, for a crop ``box`` (volume
+    coordinates, see :func:`draw_crop_box`) of a volume of spatial ``shape``; the rest is padding."""
+    return [[max(0, -lo), min(hi, s) - lo] for (lo, hi), s in zip(box, shape)]
+
+
+def sample_images(dataset: nnUNetDatasetBlosc2, identifiers: Sequence[str], cases: Sequence[int],
                   crop_size: Sequence[int], rng: np.random.Generator) -> Tuple[np.ndarray, dict]:
-    """Random crops of random cases (drawn with replacement).
+    """Random crops of the cases ``identifiers[c]`` for c in ``cases`` (one sample each).
 
     Returns images: [B, C, *crop_size] float32 and meta ``{"keys": [case per sample], "boxes":
-    [per sample [[lo, hi] per spatial axis]]}`` (the SSLMethod.make_batch ``meta`` contract).
+    [per sample [[lo, hi] per spatial axis]], "image_region": [per sample [[lo, hi] per axis]]}``
+    (the SSLMethod.make_batch ``meta`` contract).
     """
-    cases = rng.integers(0, len(identifiers), size=batch_size)
     volumes = [dataset.load_case(identifiers[c])[0] for c in cases]  # blosc2 arrays [C, X, Y, Z], not read yet
     boxes = [draw_crop_box(rng, v.shape[1:], crop_size) for v in volumes]
     crops = [crop_and_pad_nd(v, box, PAD_VALUE, cast_cropped_to=np.float32) for v, box in zip(volumes, boxes)]
-    meta = {"keys": [identifiers[c] for c in cases], "boxes": boxes}
+    meta = {"keys": [identifiers[c] for c in cases], "boxes": boxes,
+            "image_region": [image_region(box, v.shape[1:]) for v, box in zip(volumes, boxes)]}
     return np.ascontiguousarray(np.stack(crops), dtype=np.float32), meta
 
 
@@ -78,6 +86,9 @@ class PretrainLoader(DataLoader):
         self.seed, self.rank, self.start = int(seed), int(rank), int(start_iteration)
         self._produced = 0  # batches this worker produced so far
         self._in_worker = num_workers > 0  # copies of this loader run in background processes
+        # The method refuses data it cannot make a batch from here, in the main process, rather
+        # than in every worker (e.g. Volume Fusion with a single scan).
+        method_cls.draw_cases(cfg, len(self.identifiers), batch_size, np.random.default_rng(0))
 
     def generate_train_batch(self):
         if self._produced == 0 and self._in_worker:
@@ -93,7 +104,8 @@ class PretrainLoader(DataLoader):
         """Crops [B, C, *crop] and meta of batch ``iteration``, and the generator positioned where
         make_batch continues."""
         rng = batch_rng(self.seed, self.rank, iteration)
-        images, meta = sample_images(self._data, self.identifiers, self.batch_size, self.crop_size, rng)
+        cases = self.method_cls.draw_cases(self.cfg, len(self.identifiers), self.batch_size, rng)
+        images, meta = sample_images(self._data, self.identifiers, cases, self.crop_size, rng)
         return images, meta, rng
 
     def make(self, iteration: int):

@@ -24,7 +24,7 @@ import nnssl.ssl  # noqa: F401  (fills the method registry)
 from nnssl import datasets, paths
 from nnssl.architectures.spec import ARCHITECTURES, ArchitectureSpec
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS
+from nnssl.ssl.base import METHODS, check_compatible
 from nnssl.planning.pretraining_data import INTASK, find_pretraining_data
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -107,10 +107,13 @@ class PretrainSetup:
 def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraining_data: str = "intask",
             configuration: str = "3d_fullres", overrides: Sequence[str] = (), batch_size=None,
             world_size: int = 1) -> PretrainSetup:
-    """Resolve names and files; NnsslError (with the fix) for anything missing or inconsistent."""
+    """Resolve names and files; NnsslError (with the fix) for anything missing or inconsistent,
+    starting with a method the architecture cannot run (:func:`nnssl.ssl.base.check_compatible`)."""
     paths.ensure_paths()
     method_cls = METHODS.get(method)
     arch = ARCHITECTURES.get(architecture)
+    # The one capability check of pretraining and nnssl_show_pretext, before any file is read.
+    check_compatible(method, architecture)
     target = datasets.resolve(dataset)
     plans_file = os.path.join(paths.preprocessed(), target, arch.plans_name + ".json")
     if not os.path.isfile(plans_file):
@@ -148,13 +151,17 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
 
 
 def prepare_method(setup: PretrainSetup, seed: int, distributed: bool = False) -> PretrainSetup:
-    """Run the method's one-time ``prepare`` (e.g. masked_kmeans' pseudo-label cache) and keep the
-    config it returns. Under DDP rank 0 goes first and tells the others whether it succeeded (so a
-    failure stops every rank instead of leaving them waiting); they then find its cached result."""
+    """Run the method's one-time ``prepare`` (e.g. masked_kmeans' pseudo-label cache) and ``configure``
+    (e.g. order_reconstruction's slab count) and keep the config they return. Under DDP rank 0 goes
+    first and tells the others whether it succeeded (so a failure stops every rank instead of leaving
+    them waiting); they then find its cached result."""
     identifiers = sorted(nnUNetDatasetBlosc2.get_identifiers(setup.data_folder))
 
     def run():
-        return setup.method_cls.prepare(setup.cfg, setup.data_folder, identifiers, int(seed))
+        cfg = setup.method_cls.prepare(setup.cfg, setup.data_folder, identifiers, int(seed))
+        # then the config fields that depend on the network (SSLMethod.configure)
+        return setup.method_cls.configure(cfg, dataclasses.replace(setup, cfg=cfg).build_network, setup.crop_size,
+                                          setup.input_channels)
 
     if not distributed:
         return dataclasses.replace(setup, cfg=run())

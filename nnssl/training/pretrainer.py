@@ -27,6 +27,7 @@ from tqdm import tqdm
 from nnssl import paths
 from nnssl.checkpoints import (checkpoint_metadata, load_resume_checkpoint, publish_final, restore_network,
                                save_pretraining_checkpoint, split_network_state, to_plain, weights_sha256)
+from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 from nnssl.training.pretrain_data import PretrainLoader, batch_from_item, make_loader, map_tensors, shutdown
@@ -110,6 +111,7 @@ class Pretrainer:
         if compile_network and device.type == "cuda":
             self.train_model = torch.compile(self.train_model)
         self.iteration, self.history = 0, []
+        self.first_batch_sha256 = None  # digest of this rank's first batch: the DDP check shows ranks differ
 
     # --- checkpoints ---
     def metadata(self) -> dict:
@@ -117,7 +119,7 @@ class Pretrainer:
         return checkpoint_metadata(
             architecture_name=s.arch.name, plans_manager=s.plans_manager, configuration_name=s.configuration,
             input_channels=s.input_channels, method_name=s.method_name, method_config=s.cfg,
-            transfer=s.method_cls.transfer, pretraining_data=s.source, dataset=s.target,
+            transfer=getattr(s.cfg, "transfer", s.method_cls.transfer), pretraining_data=s.source, dataset=s.target,
             iteration=self.iteration, seed=self.seed)
 
     def save(self, name: str) -> None:
@@ -146,6 +148,11 @@ class Pretrainer:
             self.scaler.load_state_dict(ckpt["resume"]["grad_scaler"])
         self.iteration, self.history = int(ckpt["iteration"]), list(ckpt["resume"]["loss_history"])
         self.log.log(f"Resuming from {path} at iteration {self.iteration}.")
+        saved = ckpt["resume"].get("schedule") or {}
+        if saved and to_plain(saved) != to_plain(self.schedule.to_dict()):
+            # Schedule lengths are shares of --iterations: a longer run stretches the whole curve.
+            self.log.log(f"Note: the lr schedule now spans {self.total} iterations instead of "
+                         f"{saved.get('total_iterations')}; the steps from {self.iteration} on follow the new curve.")
 
     def write_config(self, world_size: int, num_workers: int) -> None:
         """``config.json``: the final method config and everything the run was started with."""
@@ -226,6 +233,8 @@ class Pretrainer:
             if item["iteration"] != it:
                 raise RuntimeError(f"loader returned batch {item['iteration']} for iteration {it}")
             batch = map_tensors(batch_from_item(item), lambda x: x.to(self.device, non_blocking=True))
+            if self.world > 1 and self.first_batch_sha256 is None:
+                self.first_batch_sha256 = weights_sha256({k: v for k, v in batch.items() if torch.is_tensor(v)})
             values = self._step(it, batch)
             for k, v in values.items():
                 sums[k] += v
@@ -235,7 +244,9 @@ class Pretrainer:
         record = {"epoch": epoch, "iteration": self.iteration, "lr": lr, "epoch_time": elapsed, "data_wait": wait,
                   "data_wait_fraction": wait / max(elapsed, 1e-12), "losses": {k: v / n for k, v in sums.items()}}
         self.history.append(record)
-        self.log.epoch(record, self.history, final=self.iteration >= self.total)
+        self.log.epoch(record, self.history, final=self.iteration >= self.total, schedule=self.schedule)
+        for message in self.method.epoch_messages(record):  # e.g. a collapse warning
+            self.log.log(message)
         if self.is_main:
             self.save(LATEST)
 
@@ -244,20 +255,11 @@ class Pretrainer:
         hashes = [None] * self.world
         dist.all_gather_object(hashes, mine)
         self.log.log(f"DDP check: network weights sha256 per rank: {hashes}")
+        data = [None] * self.world
+        dist.all_gather_object(data, self.first_batch_sha256)
+        self.log.log(f"DDP check: first batch sha256 per rank (each rank draws its own data): {data}")
         if len(set(hashes)) != 1:
             raise RuntimeError(f"DDP ranks ended with different weights: {hashes}")
-
-
-def _resolve_device(device: Optional[str], local_rank: int) -> torch.device:
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise NnsslError(f"-device {name}: choose cpu or cuda.")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise NnsslError("-device cuda was requested but no CUDA GPU is available; use -device cpu.")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretraining_data: str = "intask",
@@ -265,21 +267,35 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
              batch_size: Optional[int] = None, device: Optional[str] = None, resume: bool = False, seed: int = 0,
              overrides: Sequence[str] = (), num_workers: Optional[int] = None, compile_network: bool = False,
              output_folder: Optional[str] = None) -> str:
-    """Run (or with ``resume`` continue) a pretraining; returns the output folder."""
+    """Run (or with ``resume`` continue) a pretraining; returns the output folder.
+
+    The engine seeds torch's global generator (initialization, per-step dropout seeds); the caller's
+    generator state (CPU and CUDA) is restored on return, so calling this from Python leaves the
+    caller's random streams where they were."""
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        return _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations,
+                         iterations_per_epoch, batch_size, device, resume, seed, overrides, num_workers,
+                         compile_network, output_folder)
+
+
+def _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations, iterations_per_epoch,
+              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         setup = prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size, world)
-        setup = prepare_method(setup, seed, distributed=world > 1)
         total = int(iterations if iterations is not None else getattr(setup.cfg, "iterations", DEFAULT_ITERATIONS))
         if total < 1 or iterations_per_epoch < 1:
             raise NnsslError(f"--iterations ({total}) and --iterations_per_epoch ({iterations_per_epoch}) must be "
                              f">= 1.")
         if hasattr(setup.cfg, "iterations"):  # the saved config tells the length actually trained
             setup = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, iterations=total))
+        schedule_from_config(setup.cfg, total, DEFAULT_LR)  # refuse a bad schedule before prepare's slow work
+        setup = prepare_method(setup, seed, distributed=world > 1)
         if num_workers is None:
             from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
             num_workers = get_allowed_n_proc_DA()
@@ -312,6 +328,9 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
                         f"data {setup.source} ({setup.data_folder}), crop {list(setup.crop_size)}, batch "
                         f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
                         f"{num_workers} data workers, config {to_plain(setup.cfg)}")
+        trainer.log.log(trainer.schedule.describe())
+        clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
+        trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")
         trainer.run()
         return folder
     finally:

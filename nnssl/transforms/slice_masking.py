@@ -14,8 +14,10 @@ Draw first, apply second: :func:`draw_slice_mask` draws every random number,
 :func:`apply_slice_mask` is deterministic, so tests can hand it a fixed draw.
 
 Assumptions (the paper does not say):
-- the masked value is 0 (``mask_value``), the normalized intensity nnU-Net pads with (CT
-  z-scored around the foreground mean; SimMIM also zeroes masked patches before its mask token);
+- the masked value is 0 (``mask_value``), the normalized intensity nnU-Net pads with (SimMIM
+  also zeroes masked patches before its mask token). This is a semantic change from the paper:
+  there CT is scaled from HU [−1000, 1000] to [0, 1], so 0 is air; nnU-Net's CT normalization
+  z-scores around the foreground mean, so 0 is soft tissue;
 - a patch size larger than the slice is clipped to the slice's larger in-plane side, i.e. the
   whole slice is one patch (P = 96 on a 96×96 crop in the paper means exactly that);
 - chains may end on any slice of the crop and are clipped at the crop's first slice (the

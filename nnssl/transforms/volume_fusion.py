@@ -8,9 +8,16 @@ lookups and without whole-volume temporaries: the integer label map is painted b
 and the fused volume is produced slab by slab with two single-pass kernels per slab
 (α = label / K, then ``lerp(bg, fg, α)``), so the α slab stays in cache.
 
+Before fusion (paper Algorithm 1, authors' code; SPEC §7.1): background and foreground are
+crops of two different scans (:func:`draw_fusion_cases` picks the loader's cases so that
+sample i and sample (i + 1) % B never share one), and each crop is flipped at random along
+each of the three axes (:func:`draw_flips`, :func:`flip_crops`). Voxels where either crop is
+padding carry no loss: their label becomes ``K + 1`` (:func:`ignore_outside`), which the loss
+skips.
+
 ``cfg`` below is any object with the fields of
 :class:`nnssl.ssl.volume_fusion.VolumeFusionConfig` (``K, min_boxes, max_boxes,
-box_size_min, box_size_max, reference_patch``).
+box_size_min, box_size_max, reference_patch, flip_prob``).
 """
 import math
 from dataclasses import dataclass
@@ -18,6 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from nnssl.errors import NnsslError
 
 # Voxels per channel fused in one slab: 256k float32 = 1 MiB, small enough for the α slab and
 # the operands to stay in L2/L3 between the two kernels (benchmarked: 8-32 slices of 128x128
@@ -116,32 +125,119 @@ def _check_batch_size(b: int) -> None:
         )
 
 
-def apply_fusion(images: np.ndarray, draws: List[FusionDraw], K: int) -> Tuple[np.ndarray, np.ndarray]:
+def draw_fusion_cases(rng: np.random.Generator, n_cases: int, batch_size: int) -> np.ndarray:
+    """Case indices [B] for a batch whose sample i is fused with sample (i + 1) % B: never the same scan.
+
+    The cases are a random permutation of all ``n_cases`` tiled to length B, so with
+    n_cases >= B all B cases are distinct, and with fewer every case is used ⌊B / n⌋ or
+    ⌈B / n⌉ times and neighbours differ. Where the tiling would pair the last sample with the
+    first one's scan (B - 1 a multiple of n), the last sample takes the permutation's second
+    case instead (n >= 3). Two cases and an odd batch cannot be paired: NnsslError.
+    """
+    _check_batch_size(batch_size)
+    if n_cases < 2:
+        raise NnsslError(f"volume_fusion fuses crops of two different scans, but the pretraining data holds "
+                         f"{n_cases} case(s). Add pretraining volumes (-pd) so there are at least 2.")
+    perm = rng.permutation(n_cases)
+    cases = perm[np.arange(batch_size) % n_cases]
+    if (batch_size - 1) % n_cases == 0:
+        if n_cases == 2:
+            raise NnsslError(f"volume_fusion pairs sample i with sample (i + 1) % B; with 2 pretraining cases a "
+                             f"batch of {batch_size} (per process) must pair a scan with itself. Use an even "
+                             f"--batch_size or add pretraining volumes.")
+        cases[-1] = perm[1]
+    return cases
+
+
+def draw_flips(rng: np.random.Generator, batch_size: int, prob: float) -> np.ndarray:
+    """bool [B, 3]: flip sample b along spatial axis a (D, H, W), each with probability ``prob``."""
+    return rng.random((batch_size, 3)) < prob
+
+
+def flip_crops(images: np.ndarray, regions: Optional[np.ndarray],
+               flips: np.ndarray) -> Tuple[List[np.ndarray], Optional[np.ndarray]]:
+    """Apply ``flips`` [B, 3] to images [B, C, D, H, W] and to regions [B, 3, 2] (the half-open box of
+    each crop that holds image data, see :func:`apply_fusion`; None = no padding).
+
+    Returns the B crops [C, D, H, W] as a list (a flipped copy, or a view of ``images`` where no
+    axis flips: the inputs are never modified) and the new regions; on an axis of size n a flip
+    maps [lo, hi) to [n - hi, n - lo). (torch.flip: ~4x faster than copying numpy's reversed views.)
+    """
+    spatial = np.array(images.shape[2:])
+    if regions is not None:
+        regions = np.array(regions, dtype=np.int64, copy=True)
+    crops = []
+    for i, f in enumerate(flips):
+        dims = [int(a) + 1 for a in np.flatnonzero(f)]  # +1: skip the channel axis of images[i]
+        crops.append(torch.flip(torch.from_numpy(images[i]), dims).numpy() if dims else images[i])
+        if regions is not None:
+            regions[i, f] = spatial[f][:, None] - regions[i, f][:, ::-1]
+    return crops, regions
+
+
+def ignore_outside(label: np.ndarray, region: np.ndarray, ignore: int) -> None:
+    """Set ``label`` [D, H, W] to ``ignore`` outside the half-open box ``region`` [3, 2], in place."""
+    for ax, (lo, hi) in enumerate(np.asarray(region).tolist()):
+        index = [slice(None)] * 3
+        index[ax] = slice(0, max(lo, 0))
+        label[tuple(index)] = ignore
+        index[ax] = slice(max(hi, 0), None)
+        label[tuple(index)] = ignore
+
+
+def apply_fusion(images: Sequence[np.ndarray], draws: List[FusionDraw], K: int,
+                 regions: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Fuse every sample with the next one (roll by one) using the given draws.
 
-    images: [B, C, D, H, W] float32 (not modified), B >= 2; draws: B draws, one per sample.
-    Returns fused [B, C, D, H, W] float32 (sample i = fusion of background i and foreground
-    (i + 1) % B) and labels [B, 1, D, H, W] uint8.
+    images: [B, C, D, H, W] float32, or a list of B crops [C, D, H, W] (not modified), B >= 2;
+    draws: B draws, one per sample;
+    regions: optional [B, 3, 2] half-open boxes of the crop voxels that hold image data (the rest
+    is padding). Returns fused [B, C, D, H, W] float32 (sample i = fusion of background i and
+    foreground (i + 1) % B) and labels [B, 1, D, H, W] uint8 in 0..K, and K + 1 (no loss) where
+    background or foreground is padding: there α cannot be told from the fused intensity.
     """
-    b = images.shape[0]
+    b = len(images)
     _check_batch_size(b)
     if len(draws) != b:
         raise ValueError(f"apply_fusion got {len(draws)} draws for a batch of {b} samples")
-    spatial = images.shape[2:]
-    fused = np.empty_like(images)
+    spatial = images[0].shape[1:]
+    fused = np.empty((b,) + tuple(images[0].shape), np.float32)
     labels = np.empty((b, 1) + tuple(spatial), np.uint8)
     for i, draw in enumerate(draws):
+        j = (i + 1) % b
         paint_label_map(draw, spatial, out=labels[i, 0])
-        fuse(images[i], images[(i + 1) % b], labels[i, 0], K, out=fused[i])
+        fuse(images[i], images[j], labels[i, 0], K, out=fused[i])
+        if regions is not None:  # after fusing: α comes from the labels 0..K
+            both = np.stack([np.maximum(regions[i][:, 0], regions[j][:, 0]),
+                             np.minimum(regions[i][:, 1], regions[j][:, 1])], axis=1)
+            ignore_outside(labels[i, 0], both, K + 1)
     return fused, labels
 
 
-def volume_fusion_batch(images: np.ndarray, rng: np.random.Generator, cfg) -> Tuple[np.ndarray, np.ndarray]:
-    """images: [B, C, D, H, W] float32 -> (fused [B, C, D, H, W] float32, labels [B, 1, D, H, W] uint8).
+def draw_fusion_batch(rng: np.random.Generator, batch_size: int, shape: Sequence[int],
+                      cfg) -> Tuple[np.ndarray, List[FusionDraw]]:
+    """All random parameters of one batch: flips [B, 3] (``cfg.flip_prob`` per axis), then B box draws."""
+    flips = draw_flips(rng, batch_size, cfg.flip_prob)
+    return flips, [draw_fusion_boxes(rng, shape, cfg) for _ in range(batch_size)]
 
-    Raises ValueError for B == 1 (there is no second sample to take the foreground from).
-    """
+
+def fusion_with_inputs(images: np.ndarray, rng: np.random.Generator, cfg,
+                       regions: Optional[np.ndarray] = None) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
+    """(flipped crops: B arrays [C, D, H, W], fused, labels): :func:`volume_fusion_batch` plus the
+    flipped crops that were fused (what the mosaic shows as background and foreground)."""
     images = np.ascontiguousarray(images, dtype=np.float32)
     _check_batch_size(images.shape[0])
-    draws = [draw_fusion_boxes(rng, images.shape[2:], cfg) for _ in range(images.shape[0])]
-    return apply_fusion(images, draws, cfg.K)
+    flips, draws = draw_fusion_batch(rng, images.shape[0], images.shape[2:], cfg)
+    flipped, regions = flip_crops(images, regions, flips)
+    return (flipped,) + apply_fusion(flipped, draws, cfg.K, regions)
+
+
+def volume_fusion_batch(images: np.ndarray, rng: np.random.Generator, cfg,
+                        regions: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """images: [B, C, D, H, W] float32 -> (fused [B, C, D, H, W] float32, labels [B, 1, D, H, W] uint8).
+
+    Draws first (:func:`draw_fusion_batch`), applies second: flip, fuse, mark padding (``regions``
+    [B, 3, 2], see :func:`apply_fusion`; None = no padding). Raises ValueError for B == 1 (no
+    second sample to take the foreground from).
+    """
+    return fusion_with_inputs(images, rng, cfg, regions)[1:]

@@ -10,7 +10,9 @@ Everything stays channels-first: ``x: [B, C, D, H, W]``.
   projection (or the bare LKA when ``projections=False``).
 - :class:`LKAMlp3d` (Algorithm 3): 1x1x1 conv (C -> r*C) -> GELU -> depth-wise 3x3x3 conv on the
   r*C hidden channels -> GELU -> 1x1x1 conv (r*C -> C).
-- :class:`LKABlock3d` (Algorithm 2): ``x = x + Attn(BN(x)); x = x + MLP(BN(x))``.
+- :class:`LKABlock3d` (Algorithm 2): ``x = x + Attn(BN(x)); x = x + MLP(BN(x))`` (``residual``
+  "pre_norm"), or with ``residual="normed_input"`` Algorithm 2 read literally:
+  ``x = BN(x); x = x + Attn(x); x = BN(x); x = x + MLP(x)``.
 
 Assumptions (the paper does not fix them):
 - LKA kernels 5^3 depth-wise, then 7^3 depth-wise with dilation 3 (the common 3D version of
@@ -24,8 +26,10 @@ Assumptions (the paper does not fix them):
 - Algorithm 3 writes the depth-wise conv as ``Conv3d(inSize, inSize)``; it must act on the
   hidden (r*C) channels to fit between fc1 and fc2, so it does (as in VAN).
 - Residuals are pre-norm around each sub-layer, as the SPEC states (Algorithm 2 overwrites X
-  with BN(X) before adding, which reads as the same thing written loosely). No layer scale
-  and no drop-path (the paper mentions neither; dropout is 0 in Tables 12/14).
+  with BN(X) before adding, which reads as the same thing written loosely; taken literally the
+  residual adds to the normalized X). Config field ``lka_residual`` ("pre_norm" |
+  "normed_input"). No layer scale and no drop-path (the paper mentions neither; dropout is 0 in
+  Tables 12/14).
 - Convolutions keep their biases (they are not followed by a normalization).
 """
 from typing import Sequence
@@ -104,18 +108,31 @@ class LKAMlp3d(nn.Module):
         return 2 * _elements(self.fc1.out_channels, size) + _elements(self.fc2.out_channels, size)
 
 
+RESIDUALS = ("pre_norm", "normed_input")
+
+
 class LKABlock3d(nn.Module):
-    """Algorithm 2: ``x = x + Attn(BN(x)); x = x + MLP(BN(x))``. x: [B, C, D, H, W] -> same."""
+    """Algorithm 2: ``x = x + Attn(BN(x)); x = x + MLP(BN(x))`` (``residual="pre_norm"``), or
+    ``x = BN(x); x = x + Attn(x); x = BN(x); x = x + MLP(x)`` (``"normed_input"``).
+    x: [B, C, D, H, W] -> same."""
 
     def __init__(self, dim: int, mlp_ratio: float, kernel: int = 5, dilated_kernel: int = 7, dilation: int = 3,
-                 projections: bool = True):
+                 projections: bool = True, residual: str = "pre_norm"):
         super().__init__()
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        self.residual = residual
         self.norm1 = nn.BatchNorm3d(dim)
         self.attn = AttentionSublayer(dim, kernel, dilated_kernel, dilation, projections)
         self.norm2 = nn.BatchNorm3d(dim)
         self.mlp = LKAMlp3d(dim, int(round(mlp_ratio * dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual == "normed_input":
+            x = self.norm1(x)
+            x = x + self.attn(x)
+            x = self.norm2(x)
+            return x + self.mlp(x)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 

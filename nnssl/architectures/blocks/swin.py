@@ -19,6 +19,10 @@ Rules shared by every user (PCT-Net, QT-UNet, SwinUNETR):
 - The relative position bias table is sized for the configured window; a shrunk window
   indexes the same table (its offsets are a subset), so weights stay transferable between
   patch sizes.
+
+:func:`window_apply` runs any per-window function on the (shifted) windows of one grid, or of
+two aligned grids (QT-UNet's cross-attention in ``blocks/swin_cross.py``); :class:`PatchMerging`
+is the shared 2x2x2 token merge.
 """
 import functools
 import math
@@ -86,9 +90,10 @@ def relative_position_index(window: Sequence[int], table_window: Optional[Sequen
 
 
 @functools.lru_cache(maxsize=32)
-def _attention_mask_cached(size: Triple, window: Triple, shift: Triple, device: str) -> Optional[torch.Tensor]:
+def _attention_mask_cached(size: Triple, window: Triple, shift: Triple, device: str,
+                           mask_padding: bool = True) -> Optional[torch.Tensor]:
     padded = padded_size(size, window)
-    if not any(shift) and padded == tuple(size):
+    if not any(shift) and (padded == tuple(size) or not mask_padding):
         return None
     axes_region, axes_pad = [], []
     for n, p, w, s in zip(size, padded, window, shift):
@@ -112,19 +117,87 @@ def _attention_mask_cached(size: Triple, window: Triple, shift: Triple, device: 
     # Real queries ignore padded keys; padded queries (cropped later) may see padding, so no
     # row is ever fully masked (a fully masked softmax row would give NaN).
     padded_key = pad_w[:, None, :] & ~pad_w[:, :, None]
+    if not mask_padding:
+        return different_region.to(device)
     return (different_region | padded_key).to(device)
 
 
 def attention_mask(size: Sequence[int], window: Sequence[int], shift: Sequence[int],
-                   device: torch.device = torch.device("cpu")) -> Optional[torch.Tensor]:
+                   device: torch.device = torch.device("cpu"), mask_padding: bool = True) -> Optional[torch.Tensor]:
     """Bool [nW, N, N], True where query i must not attend key j; None when nothing is masked.
 
     ``size`` is the unpadded grid, ``window``/``shift`` the effective ones (see
     :func:`effective_window`); windows are in :func:`window_partition` order of the padded,
-    rolled grid.
+    rolled grid. ``mask_padding=False`` lets padded tokens take part like real ones (only the
+    shifted-window regions are masked): MONAI's and the original Swin code's behaviour.
     """
     return _attention_mask_cached(tuple(int(i) for i in size), tuple(int(i) for i in window),
-                                  tuple(int(i) for i in shift), str(device))
+                                  tuple(int(i) for i in shift), str(device), bool(mask_padding))
+
+
+def _windows(x: torch.Tensor, window: Triple, shift: Triple, padded: Triple) -> torch.Tensor:
+    """x: [B, D, H, W, C] -> [B * nW, N, C]: zero-padded to ``padded``, rolled by -shift, partitioned."""
+    size = tuple(x.shape[1:4])
+    if padded != size:
+        pads = [p - n for p, n in zip(padded, size)]
+        x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+    if any(shift):
+        x = torch.roll(x, shifts=[-s for s in shift], dims=(1, 2, 3))
+    return window_partition(x, window)
+
+
+def window_apply(fn, x: torch.Tensor, window: Sequence[int], shift: Sequence[int],
+                 context: Optional[torch.Tensor] = None, mask_padding: bool = True) -> torch.Tensor:
+    """Run ``fn(x_windows, context_windows, effective_window, mask) -> out_windows`` on the
+    (shifted) windows of x: [B, D, H, W, C] and return the result on the grid, [B, D, H, W, C'].
+
+    ``window``/``shift`` are the configured ones (shrunk per :func:`effective_window`).
+    ``context`` (same grid as x, any channels; None: ``fn`` gets None) is padded, rolled and
+    partitioned exactly like x, so window j of both covers the same voxels (cross-attention).
+    ``mask_padding``: see :func:`attention_mask`.
+    """
+    size = tuple(x.shape[1:4])
+    win, sh = effective_window(size, window, shift)
+    padded = padded_size(size, win)
+    mask = attention_mask(size, win, sh, x.device, mask_padding)
+    ctx = None if context is None else _windows(context, win, sh, padded)
+    out = window_reverse(fn(_windows(x, win, sh, padded), ctx, win, mask), win, padded)
+    if any(sh):
+        out = torch.roll(out, shifts=list(sh), dims=(1, 2, 3))
+    return out[:, :size[0], :size[1], :size[2]]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """Swin's initialization of one module (for ``net.apply``): Linear weights truncated normal
+    (std 0.02) and biases 0; LayerNorm weight 1, bias 0; other modules untouched."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2x2 neighbourhood (8C) -> LayerNorm -> Linear to 2C (no bias), as Swin.
+
+    x: [B, D, H, W, C] (even D, H, W) -> [B, D/2, H/2, W/2, 2C]. The 8 neighbours are
+    concatenated in raster order of their (d, h, w) offsets.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(8 * dim)
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w, c = x.shape
+        if d % 2 or h % 2 or w % 2:
+            raise ValueError(f"PatchMerging needs even grid sizes, got {(d, h, w)}")
+        x = x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        return self.reduction(self.norm(x.reshape(b, d // 2, h // 2, w // 2, 8 * c)))
 
 
 class WindowAttention(nn.Module):
@@ -166,7 +239,16 @@ class WindowAttention(nn.Module):
         """x: [B * nW, N, C]; window: the effective window (N = its volume); mask: [nW, N, N] bool."""
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B * nW, heads, N, C / heads]
+        return self.attend(qkv[0], qkv[1], qkv[2], window, mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[Triple] = None,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Biased, masked softmax attention and the output projection (shared with cross-attention).
+
+        q, k, v: [B * nW, heads, N, C / heads] -> [B * nW, N, C].
+        """
+        bw, _, n, _ = q.shape
+        c = q.shape[1] * q.shape[3]
         attn = (q * self.scale) @ k.transpose(-2, -1)  # [B * nW, heads, N, N]
         attn = attn + self.position_bias(window or self.window).unsqueeze(0).to(attn.dtype)
         if mask is not None:
@@ -212,12 +294,14 @@ class SwinBlock(nn.Module):
 
     Pre-norm (Swin): x = x + MSA(LN(x)); x = x + MLP(LN(x)). ``post_norm=True`` gives
     x = LN(x + MSA(x)); x = LN(x + MLP(x)) instead. x: [B, D, H, W, C] -> same shape.
+    ``mask_padding``: see :func:`attention_mask` (True: padded tokens are masked out as keys).
     """
 
     def __init__(self, dim: int, heads: int, window: Sequence[int] = (7, 7, 7), shift: Sequence[int] = (0, 0, 0),
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, post_norm: bool = False):
+                 drop_path: float = 0.0, post_norm: bool = False, mask_padding: bool = True):
         super().__init__()
+        self.mask_padding = mask_padding
         self.dim, self.heads = dim, heads
         self.window, self.shift = to_3tuple(window), to_3tuple(shift)
         if any(s >= w for s, w in zip(self.shift, self.window)):
@@ -232,19 +316,8 @@ class SwinBlock(nn.Module):
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         """Window attention over x: [B, D, H, W, C] (already normalised for pre-norm)."""
-        size = tuple(x.shape[1:4])
-        window, shift = effective_window(size, self.window, self.shift)
-        padded = padded_size(size, window)
-        if padded != size:
-            pads = [p - n for p, n in zip(padded, size)]
-            x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
-        if any(shift):
-            x = torch.roll(x, shifts=[-s for s in shift], dims=(1, 2, 3))
-        mask = attention_mask(size, window, shift, x.device)
-        out = window_reverse(self.attn(window_partition(x, window), window, mask), window, padded)
-        if any(shift):
-            out = torch.roll(out, shifts=list(shift), dims=(1, 2, 3))
-        return out[:, :size[0], :size[1], :size[2]]
+        return window_apply(lambda w, _, win, mask: self.attn(w, win, mask), x, self.window, self.shift,
+                            mask_padding=self.mask_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.post_norm:

@@ -8,3 +8,7 @@ plotting) may live in it. Importing this package registers every trainer in
 from nnssl.training.trainers import base  # noqa: F401
 from nnssl.training.trainers import pct_net  # noqa: F401
 from nnssl.training.trainers import logonet  # noqa: F401
+from nnssl.training.trainers import swinunetr  # noqa: F401
+from nnssl.training.trainers import short  # noqa: F401
+from nnssl.training.trainers import qt_unet  # noqa: F401
+from nnssl.training.trainers import unetr  # noqa: F401

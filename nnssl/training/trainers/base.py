@@ -11,29 +11,50 @@ Fine-tuning options common to all nnssl trainers (:class:`FinetuneOptionsMixin`)
 attributes after construction and before ``initialize()``:
 
 - ``nnssl_warmup_epochs``: linear learning-rate warm-up, lr(e) = schedule(e) * (e + 1) / N for
-  the first N epochs;
-- ``nnssl_freeze_encoder_epochs``: the ``encoder.`` parameters get ``requires_grad=False`` for
-  the first N epochs (their gradients stay ``None``, so neither SGD nor Adam moves them, weight
-  decay included), then they train with the rest. BatchNorm running statistics in the encoder
-  still update while frozen (the network stays in train mode, as nnU-Net runs it).
+  the first N epochs; refused unless N < ``num_epochs`` (``--warmup_epochs`` / ``--epochs``);
+- ``nnssl_freeze_encoder_epochs``: for the first N epochs the ``encoder.`` parameters do not
+  move: just before every optimizer step (an optimizer step pre-hook) their gradients are set to
+  ``None``, so neither SGD nor Adam touches them (no weight decay, no momentum or moment updates),
+  then they train with the rest. ``requires_grad`` never changes: DDP (``torchrun``) builds its
+  gradient reduction once for the parameters that require grad, and changing that set after
+  wrapping breaks it; so the encoder's gradients are still computed and all-reduced while frozen,
+  and nnU-Net's gradient clipping (before the step) sees them in its total norm. BatchNorm running
+  statistics in the encoder still update while frozen (the network stays in train mode, as
+  nnU-Net runs it). Works for every architecture: it only needs ``network.encoder``.
 """
+import math
 from typing import List, Optional
 
 import torch
-from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnssl.checkpoints import unwrap_network  # noqa: F401  (the one copy; trainers import it from here)
+from nnssl.errors import NnsslError
+from nnssl.training.schedules import format_lr_summary, summarize_lrs
 from nnssl.training.trainer_registry import TRAINERS, register_trainer  # noqa: F401
 
 
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain module behind DDP / torch.compile wrappers."""
-    if isinstance(network, nn.parallel.DistributedDataParallel):
-        network = network.module
-    return getattr(network, "_orig_mod", network)
+class EpochLR:
+    """Base of nnssl's nnU-Net-style epoch schedulers: ``step(epoch)`` sets every parameter group's
+    lr to ``lr(epoch)``, a function of the epoch alone, so a resumed run (``--c``) and the
+    :class:`LinearWarmupLR` wrapper see the same values as an uninterrupted one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def lr(self, epoch: int) -> float:
+        raise NotImplementedError
+
+    def step(self, epoch: int) -> None:
+        lr = self.lr(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def get_last_lr(self) -> List[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
 
 
-class LinearWarmupLR:
+class LinearWarmupLR(EpochLR):
     """Wraps an nnU-Net epoch scheduler: ``step(epoch)`` runs the wrapped schedule, then scales
     every group's lr by ``(epoch + 1) / warmup_epochs`` while ``epoch < warmup_epochs``.
 
@@ -43,37 +64,47 @@ class LinearWarmupLR:
     """
 
     def __init__(self, inner, optimizer: torch.optim.Optimizer, warmup_epochs: int):
+        super().__init__(optimizer)
         self.inner = inner
-        self.optimizer = optimizer
         self.warmup_epochs = int(warmup_epochs)
 
-    def step(self, epoch: int) -> None:
+    def step(self, epoch: int) -> None:  # scales per group: the wrapped schedule may set several lrs
         self.inner.step(epoch)
         if epoch < self.warmup_epochs:
             factor = (epoch + 1) / self.warmup_epochs
             for group in self.optimizer.param_groups:
                 group["lr"] *= factor
 
-    def get_last_lr(self) -> List[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
 
+class EpochStepLR(EpochLR):
+    """lr(epoch) = initial_lr * gamma ** floor(epoch / step_epochs), set from the epoch alone.
 
-class EpochStepLR:
-    """lr(epoch) = initial_lr * gamma ** (epoch // step_epochs), set from the epoch alone."""
+    ``step_epochs`` may be fractional (a share of a short run, e.g. 10 epochs / 6), so the lr is
+    lowered at the same fractions of the run whatever ``--epochs`` is."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, step_epochs: int, gamma: float = 0.5):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, step_epochs: float, gamma: float = 0.5):
+        if step_epochs <= 0:
+            raise ValueError(f"step_epochs must be > 0, got {step_epochs}")
+        super().__init__(optimizer)
         self.initial_lr = float(initial_lr)
-        self.step_epochs = max(1, int(step_epochs))
+        self.step_epochs = float(step_epochs)
         self.gamma = float(gamma)
 
-    def step(self, epoch: int) -> None:
-        lr = self.initial_lr * self.gamma ** (int(epoch) // self.step_epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def lr(self, epoch: int) -> float:
+        # + 1e-9: epoch / step_epochs of an exact boundary (e.g. 20 / (120 / 6)) must not round below it
+        return self.initial_lr * self.gamma ** math.floor(int(epoch) / self.step_epochs + 1e-9)
 
-    def get_last_lr(self) -> List[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+
+def epoch_lrs(trainer) -> List[float]:
+    """The lr of every epoch of ``trainer``'s run (first parameter group), read by stepping its
+    scheduler through the epochs; it is left at the trainer's current epoch. Valid for schedulers
+    that set the lr from the epoch alone, as every nnssl scheduler and nnU-Net's poly do."""
+    lrs = []
+    for epoch in range(trainer.num_epochs):
+        trainer.lr_scheduler.step(epoch)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.lr_scheduler.step(min(trainer.current_epoch, trainer.num_epochs - 1))
+    return lrs
 
 
 class FinetuneOptionsMixin:
@@ -84,11 +115,19 @@ class FinetuneOptionsMixin:
     _nnssl_encoder_frozen: Optional[bool] = None
 
     def initialize(self):
+        if self.nnssl_warmup_epochs > 0 and self.nnssl_warmup_epochs >= self.num_epochs:
+            raise NnsslError(f"--warmup_epochs {self.nnssl_warmup_epochs} is not shorter than the run (--epochs "
+                             f"{self.num_epochs}), so the lr would never reach its peak. Lower --warmup_epochs "
+                             f"or raise --epochs.")
         super().initialize()
         # Wrapped here rather than in configure_optimizers so that it applies on top of whatever
         # optimizer/schedule a subclass configures.
         if self.nnssl_warmup_epochs > 0:
             self.lr_scheduler = LinearWarmupLR(self.lr_scheduler, self.optimizer, self.nnssl_warmup_epochs)
+        self.print_to_log_file("nnssl: lr schedule (the lr at the start of each epoch): "
+                               + format_lr_summary(summarize_lrs(epoch_lrs(self)), "epoch"))
+        if self.nnssl_freeze_encoder_epochs > 0:
+            self._nnssl_install_encoder_freeze()
 
     def on_train_epoch_start(self):
         if self.nnssl_freeze_encoder_epochs > 0:
@@ -98,11 +137,19 @@ class FinetuneOptionsMixin:
     def _set_encoder_frozen(self, frozen: bool) -> None:
         if frozen == self._nnssl_encoder_frozen:
             return
-        for p in unwrap_network(self.network).encoder.parameters():
-            p.requires_grad_(not frozen)
         self._nnssl_encoder_frozen = frozen
         self.print_to_log_file(f"nnssl: encoder {'frozen' if frozen else 'unfrozen'} from epoch {self.current_epoch} "
                                f"(--freeze_encoder_epochs {self.nnssl_freeze_encoder_epochs})")
+
+    def _nnssl_install_encoder_freeze(self) -> None:
+        """Register the step pre-hook on ``self.optimizer`` (once, after the optimizer exists)."""
+        self.optimizer.register_step_pre_hook(self._nnssl_drop_frozen_gradients)
+
+    def _nnssl_drop_frozen_gradients(self, optimizer, args, kwargs) -> None:
+        """Optimizer step pre-hook: while frozen, the encoder has no gradient for this step."""
+        if self._nnssl_encoder_frozen:
+            for p in unwrap_network(self.network).encoder.parameters():
+                p.grad = None
 
 
 @register_trainer

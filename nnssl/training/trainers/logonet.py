@@ -8,18 +8,16 @@ augmentation, checkpoints, validation) is nnU-Net's, through :class:`nnsslTraine
 Assumptions (the paper trains with MONAI for 5000 / 1000 epochs on 16 GPUs):
 - nnU-Net's epoch length and count (1000 epochs of 250 iterations) stay; the warm-up is 5 % of
   the epochs (``WARMUP_FRACTION``), the paper's MSD setting (50 of 1000 epochs; BTCV: 100 of
-  5000), at least one epoch.
+  5000), at least one epoch and always shorter than the run (none in a 1-epoch run).
 - Warm-up starts at lr / warmup epochs instead of MONAI's 0, so no epoch is wasted at lr 0
   (the same rule as ``nnssl.training.schedules``).
 - The loss is nnU-Net's Dice+CE (soft Dice without background, smooth 1e-5) rather than MONAI's
   ``DiceCELoss``; both weigh Dice and CE 1:1, as the paper's Table 13 found best.
 """
-from typing import List
-
 import torch
 
 from nnssl.training.schedules import LRSchedule
-from nnssl.training.trainers.base import nnsslTrainer, register_trainer
+from nnssl.training.trainers.base import EpochLR, nnsslTrainer, register_trainer
 
 LOGONET_INITIAL_LR = 1e-4
 LOGONET_WEIGHT_DECAY = 1e-5
@@ -27,26 +25,20 @@ LOGONET_BETAS = (0.9, 0.999)
 WARMUP_FRACTION = 0.05
 
 
-class EpochWarmupCosineLR:
-    """nnU-Net-style epoch scheduler: ``step(epoch)`` sets every group's lr from the epoch alone
-    (linear warm-up over ``warmup_epochs``, then cosine to 0 at ``num_epochs``), so a resumed run
-    (``--c``) and nnssl's ``LinearWarmupLR`` wrapper see the same values as an uninterrupted one."""
+class EpochWarmupCosineLR(EpochLR):
+    """Linear warm-up over ``warmup_epochs``, then cosine to 0 at ``num_epochs`` (per epoch)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, num_epochs: int, warmup_epochs: int):
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.schedule = LRSchedule("cosine", float(initial_lr), int(num_epochs), int(warmup_epochs))
 
-    def step(self, epoch: int) -> None:
-        lr = self.schedule.lr(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def get_last_lr(self) -> List[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+    def lr(self, epoch: int) -> float:
+        return self.schedule.lr(epoch)
 
 
 def warmup_epochs_for(num_epochs: int) -> int:
-    return max(1, round(WARMUP_FRACTION * num_epochs))
+    """``WARMUP_FRACTION`` of the run, at least 1 epoch, at most ``num_epochs - 1``."""
+    return min(max(1, round(WARMUP_FRACTION * num_epochs)), int(num_epochs) - 1)
 
 
 @register_trainer

@@ -1,0 +1,130 @@
+"""Where a fine-tuning and a pretraining iteration spend their time (issue 9, item 5).
+
+Fine-tuning: an nnU-Net trainer (``-tr``, default ``nnsslTrainer_Short``) on an already
+preprocessed dataset (e.g. the demo's), built by ``nnssl.training.finetune.build_trainer``;
+its own data loaders, network, loss and optimizer are timed call by call:
+
+- ``data``: ``next(dataloader_train)`` (loading + nnU-Net's augmentation; with loader workers
+  this is the wait for a batch the workers did not finish yet);
+- ``forward`` (network + deep-supervision loss), ``backward``, ``optimizer`` (clip + step);
+- per epoch: ``validation`` (``--val_iterations`` batches through ``validation_step``) and
+  ``epoch_end`` (nnU-Net's ``on_epoch_end``: log, best checkpoint, ``progress.png``).
+
+Pretraining: ``nnssl_pretrain``'s own per-iteration log (``data_wait`` / ``step`` times in
+the progress log) is read back after a short run.
+
+Each (loader workers, torch threads) setting is timed separately, because on 2 cores the
+loader processes and torch's intra-op threads compete for the same cores.
+
+Run (after the demo, or any plan+preprocess with the tiny preset):
+``nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=/tmp/x python benchmarks/bench_iteration_profile.py
+-d BTCV --settings 0:2 1:1 2:2``
+"""
+import argparse
+import contextlib
+import io
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-d", "--dataset", default="BTCV")
+    p.add_argument("-tr", "--trainer", default="nnsslTrainer_Short")
+    p.add_argument("-a", "--architecture", default="plainconvunet")
+    p.add_argument("--iterations", type=int, default=20, help="timed training iterations per setting")
+    p.add_argument("--val_iterations", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2, help="timed epoch ends (validation + on_epoch_end)")
+    p.add_argument("--settings", nargs="+", default=["0:2", "1:1", "2:2"],
+                   help="WORKERS:THREADS pairs (nnUNet_n_proc_DA, torch threads)")
+    p.add_argument("--pretrain_method", default=None, help="also time this many pretraining iterations' method")
+    p.add_argument("--pretrain_iterations", type=int, default=20)
+    p.add_argument("--pretraining_data", default="CTUnlabeled")
+    return p.parse_args(argv)
+
+
+def _t(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def profile_finetuning(a, workers: int, threads: int) -> dict:
+    from nnssl.training.finetune import build_trainer
+
+    os.environ["nnUNet_n_proc_DA"] = str(workers)
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = build_trainer(a.dataset, "3d_fullres", "all", a.architecture, a.trainer, device="cpu")
+        tr = run.trainer
+        tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 1000, a.iterations, a.val_iterations
+        tr.on_train_start()
+    times = {k: [] for k in ("data", "forward", "backward", "optimizer")}
+    epoch_times = {"validation": [], "epoch_end": []}
+    net = tr.network
+    for epoch in range(a.epochs):
+        with contextlib.redirect_stdout(io.StringIO()):
+            tr.on_epoch_start()
+            tr.on_train_epoch_start()
+        for i in range(a.iterations):
+            batch, dt = _t(lambda: next(tr.dataloader_train))
+            times["data"].append(dt)
+            if hasattr(tr.lr_scheduler, "set_iteration"):
+                tr.lr_scheduler.set_iteration(epoch * a.iterations + i)
+            target = batch["target"]
+            tr.optimizer.zero_grad(set_to_none=True)
+            loss, dt = _t(lambda: tr.loss(net(batch["data"]), target))
+            times["forward"].append(dt)
+            _, dt = _t(loss.backward)
+            times["backward"].append(dt)
+
+            def opt():
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+                tr.optimizer.step()
+            _, dt = _t(opt)
+            times["optimizer"].append(dt)
+        with contextlib.redirect_stdout(io.StringIO()):
+            tr.on_train_epoch_end([{"loss": np.array(float(loss))}])
+
+            def val():
+                with torch.no_grad():
+                    tr.on_validation_epoch_start()
+                    outs = [tr.validation_step(next(tr.dataloader_val)) for _ in range(a.val_iterations)]
+                    tr.on_validation_epoch_end(outs)
+            _, dt = _t(val)
+            epoch_times["validation"].append(dt)
+            _, dt = _t(tr.on_epoch_end)
+            epoch_times["epoch_end"].append(dt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr.on_train_end()
+    # the first iteration includes worker start-up and lazy allocations: leave it out
+    out = {k: float(np.mean(v[1:])) for k, v in times.items()}
+    out.update({k: float(np.mean(v)) for k, v in epoch_times.items()})
+    out["iteration"] = sum(out[k] for k in ("data", "forward", "backward", "optimizer"))
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    print(f"load average before: {os.getloadavg()}")
+    rows = []
+    for s in a.settings:
+        w, t = (int(x) for x in s.split(":"))
+        r = profile_finetuning(a, w, t)
+        rows.append((w, t, r))
+        print(f"workers {w} threads {t}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    print(f"\nFine-tuning, {a.trainer}, {a.architecture}, seconds (mean over {a.iterations - 1} iterations x "
+          f"{a.epochs} epochs; per-epoch costs over {a.epochs} epochs, {a.val_iterations} validation batches)\n")
+    keys = ("data", "forward", "backward", "optimizer", "iteration", "validation", "epoch_end")
+    print("| workers | threads | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for w, t, r in rows:
+        print(f"| {w} | {t} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()

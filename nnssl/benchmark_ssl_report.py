@@ -1,0 +1,149 @@
+"""Tables and figure of ``nnssl_benchmark_ssl``: results.csv (per run), results.md and results.png (summaries).
+
+Summaries group the runs by (architecture, label budget n, start, budget mode); a pretrained
+group is paired seed by seed with the scratch runs of the same (architecture, n) (same training
+cases, same seeded augmentation and initialization of the non-transferred layers), see
+:func:`nnssl.benchmark_ssl.paired_stats`: once with the scratch runs of the same fine-tuning
+length (budget "same") and, with ``--equal_budget``, once with the scratch runs as long as
+pretraining + fine-tuning (budget "equal").
+"""
+import csv
+import io
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nnssl.io import atomic_path
+
+CSV_FIELDS = ("architecture", "start", "budget", "n", "seed", "pretrain_iterations", "finetune_iterations",
+              "test_dice", "iterations_to_threshold", "train_seconds", "load_average")
+
+
+def summarize(results: List[dict]) -> List[dict]:
+    """One row per (architecture, n, start, budget) with the paired statistics against scratch."""
+    from nnssl.benchmark_ssl import SCRATCH, paired_stats
+
+    scratch = {(r["architecture"], r["n"], r["seed"], r["budget"]): r for r in results if r["start"] == SCRATCH}
+    budgets = sorted({r["budget"] for r in results if r["start"] == SCRATCH}, reverse=True)  # "same" first
+    groups: Dict[tuple, List[dict]] = {}
+    for r in results:
+        if r["start"] == SCRATCH:
+            groups.setdefault((r["architecture"], r["n"], False, r["start"], r["budget"]), []).append(r)
+        else:  # a pretrained group is listed once per scratch budget it is compared with
+            for b in budgets:
+                groups.setdefault((r["architecture"], r["n"], True, r["start"], b), []).append(r)
+    rows = []
+    for (arch, n, _, start, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], kv[0][4] != "same",
+                                                                                  kv[0][3])):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        pairs = [(r, scratch[(arch, n, r["seed"], budget)]) for r in rs if (arch, n, r["seed"], budget) in scratch]
+        dice = [r["test_dice"] for r in rs]
+        row = {"architecture": arch, "n": n, "start": start, "budget": budget, "seeds": [r["seed"] for r in rs],
+               "pretrain_iterations": rs[0]["pretrain_iterations"], "finetune_iterations": rs[0]["finetune_iterations"],
+               "dice_mean": float(np.mean(dice)), "dice_std": float(np.std(dice, ddof=1)) if len(dice) > 1 else 0.0,
+               "dice_range": float(np.max(dice) - np.min(dice)), "to_threshold": [r["iterations_to_threshold"] for r in rs]}
+        if start != SCRATCH and pairs:
+            row.update(paired_stats([p["test_dice"] for p, _ in pairs], [q["test_dice"] for _, q in pairs]))
+            row["scratch_iterations"] = pairs[0][1]["finetune_iterations"]
+        rows.append(row)
+    return rows
+
+
+def threshold_cell(values: List[Optional[int]], total: int) -> str:
+    """'mean (k/K reached)' over the runs that reached the threshold, '> total (0/K)' when none did."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return f"> {total} (0/{len(values)})"
+    return f"{np.mean(reached):.0f} ({len(reached)}/{len(values)})"
+
+
+def markdown(s, rows: List[dict]) -> str:
+    lines = [f"# nnssl_benchmark_ssl: does pretraining help?\n",
+             f"Dataset: {s.dataset or 'synthetic BTCV-like phantoms ' + 'x'.join(map(str, s.shape))}; "
+             f"architectures {', '.join(s.architectures)} (preset {s.preset}); fine-tuning trainer {s.trainer}, "
+             f"{s.finetune_iterations} iterations ({s.iterations_per_epoch} per epoch); pretraining "
+             f"{s.pretrain_iterations} iterations (batch {s.pretrain_batch_size}), once per (method, data), seed "
+             f"{s.seeds[0]}; seeds {', '.join(map(str, s.seeds))}; {s.val_cases} validation and {s.test_cases} test "
+             f"cases. Test Dice = nnU-Net's foreground mean Dice over the test cases. mean ± std over seeds (ddof 1). "
+             f"Δ = paired difference pretrained − scratch (same seed = same training cases and augmentation). "
+             f"Verdict: |mean Δ| > 2 standard errors. 'to val ≥ {s.threshold}': fine-tuning iterations until the "
+             f"per-epoch validation pseudo Dice first reaches {s.threshold} (mean over the seeds that reached it). "
+             f"Budget 'equal': compared with scratch runs of pretraining + fine-tuning iterations (same total "
+             f"number of iterations, LWI Table VII).\n",
+             "| architecture | n labeled | start | budget (pretrain + fine-tune it.) | test Dice | Δ vs scratch "
+             "| verdict | scratch spread (max − min) | to val ≥ %g |" % s.threshold,
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = f"{r['budget']} ({r['pretrain_iterations']} + {r['finetune_iterations']}"
+        budget += f" vs 0 + {r['scratch_iterations']})" if "scratch_iterations" in r else ")"
+        delta = f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}" if "diff_mean" in r else "—"
+        spread = f"{r['dice_range']:.3f}" if r["start"] == "scratch" else ""
+        lines.append(f"| {r['architecture']} | {r['n']} | {r['start']} | {budget} | {r['dice_mean']:.3f} ± "
+                     f"{r['dice_std']:.3f} | {delta} | {r.get('verdict', '')} | {spread} | "
+                     f"{threshold_cell(r['to_threshold'], r['finetune_iterations'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: List[dict], path: str) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in sorted(results, key=lambda r: (r["architecture"], r["n"], r["start"], r["budget"], r["seed"])):
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(buf.getvalue())
+
+
+def write_png(rows: List[dict], results: List[dict], path: str) -> None:
+    """Left: test Dice per label budget and start (mean ± std). Right: mean validation curves per start."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # each set of runs once: the scratch runs of every length, the pretrained runs (listed per budget in rows)
+    starts = sorted({(r["start"], r["budget"]) for r in rows if r["start"] == "scratch" or r["budget"] == "same"},
+                    key=lambda x: (x[0] != "scratch", x))
+    ns = sorted({r["n"] for r in rows})
+    colors = {st: plt.cm.tab10(i % 10) for i, st in enumerate(starts)}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / max(1, len(starts))
+    for i, st in enumerate(starts):
+        vals = [next((r for r in rows if (r["start"], r["budget"]) == st and r["n"] == n), None) for n in ns]
+        xs = [j + i * width for j, v in enumerate(vals) if v is not None]
+        ys = [v["dice_mean"] for v in vals if v is not None]
+        es = [v["dice_std"] for v in vals if v is not None]
+        label = st[0] + (f" ({vals[0]['finetune_iterations'] if vals[0] else ''} it., equal budget)"
+                         if st[1] == "equal" else "")
+        ax.bar(xs, ys, width, yerr=es, capsize=3, color=colors[st], label=label)
+        for x, y in zip(xs, ys):
+            ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
+        runs = [r for r in results if (r["start"], r["budget"]) == st and r["n"] == ns[-1] and r["val_dice"]]
+        if runs:
+            k = min(len(r["val_dice"]) for r in runs)
+            per_epoch = runs[0]["finetune_iterations"] // len(runs[0]["val_dice"])
+            ax2.plot([(e + 1) * per_epoch for e in range(k)], np.nanmean([r["val_dice"][:k] for r in runs], axis=0),
+                     color=colors[st], label=label)
+    ax.set_xticks([j + width * (len(starts) - 1) / 2 for j in range(len(ns))], [f"n = {n}" for n in ns])
+    ax.set_ylabel("test mean Dice (mean ± std over seeds)")
+    ax.set_title("Test Dice per label budget")
+    ax.legend(fontsize=8)
+    ax2.set_xlabel("fine-tuning iteration")
+    ax2.set_ylabel("validation pseudo Dice (mean over seeds)")
+    ax2.set_title(f"Validation curves, n = {ns[-1]}")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_reports(s, results: List[dict], out_dir: str, figure: bool = True) -> dict:
+    rows = summarize(results)
+    md = markdown(s, rows)
+    with atomic_path(os.path.join(out_dir, "results.md")) as tmp, open(tmp, "w") as f:
+        f.write(md)
+    write_csv(results, os.path.join(out_dir, "results.csv"))
+    if figure:
+        write_png(rows, results, os.path.join(out_dir, "results.png"))
+    return {"rows": rows, "markdown": md, "out_dir": out_dir}

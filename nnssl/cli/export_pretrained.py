@@ -1,0 +1,35 @@
+"""nnssl_export_pretrained: pack a pretraining checkpoint into a shareable model archive."""
+import argparse
+import json
+import sys
+
+from nnssl.cli._common import run_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnssl_export_pretrained",
+        description="Write a model archive (.zip) of a pretraining checkpoint: the checkpoint (without its resume "
+                    "state), its metadata, the plans it was pretrained under and a model card (method, "
+                    "architecture, data and volume count, iterations, sha256). Every nnssl command that takes a "
+                    "checkpoint (nnssl_train -pretrained, nnssl_plan_and_preprocess --like) takes the archive too; "
+                    "a modified archive is refused.")
+    p.add_argument("checkpoint", help="a checkpoint_final.pth written by nnssl_pretrain")
+    p.add_argument("-o", required=True, metavar="MODEL.zip", help="the archive to write (atomically)")
+    return p
+
+
+def _run(args) -> None:
+    from nnssl.sharing import export_pretrained
+
+    card = export_pretrained(args.checkpoint, args.o)
+    print(json.dumps(card, indent=2))
+    print(f"Wrote {args.o}")
+
+
+def main(argv=None):
+    sys.exit(run_command(build_parser(), _run, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""nnssl_benchmark_ssl: statistics on hand-made numbers, refusals before anything is written, a --quick run."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nnssl.benchmark_ssl import (BenchmarkSettings, check_settings_file, iterations_to_threshold, paired_stats,
+                                 planned_runs, validate)
+from nnssl.benchmark_ssl_report import summarize, threshold_cell
+from nnssl.errors import NnsslError
+
+
+def test_paired_stats_by_hand():
+    r = paired_stats([0.5, 0.6, 0.7], [0.4, 0.4, 0.5])
+    # differences 0.1, 0.2, 0.2: mean 1/6, std (ddof 1) sqrt(0.00333...) = 0.057735, 2 SE = 0.066667 < 1/6
+    assert r["diff_mean"] == pytest.approx(1 / 6)
+    assert r["diff_std"] == pytest.approx(0.057735, rel=1e-5)
+    assert (r["pretrained_mean"], r["scratch_mean"]) == pytest.approx((0.6, 0.43333333))
+    assert r["scratch_std"] == pytest.approx(0.057735, rel=1e-5)
+    assert r["verdict"] == "helps"
+    # differences 0.1, -0.1, 0.05: mean 0.016667, std 0.104083, 2 SE = 0.120185 -> noise
+    assert paired_stats([0.5, 0.3, 0.45], [0.4, 0.4, 0.4])["verdict"] == "within noise"
+    assert paired_stats([0.1, 0.2, 0.1], [0.4, 0.45, 0.4])["verdict"] == "hurts"
+    one = paired_stats([0.9], [0.1])  # a single pair can never be told from noise
+    assert (one["diff_std"], one["verdict"]) == (0.0, "within noise")
+
+
+def test_iterations_to_threshold():
+    assert iterations_to_threshold([0.1, float("nan"), 0.35, 0.2], 20, 0.3) == 60
+    assert iterations_to_threshold([0.3], 5, 0.3) == 5
+    assert iterations_to_threshold([0.1, 0.2], 20, 0.3) is None
+    assert threshold_cell([60, None, 100], 200) == "80 (2/3)"
+    assert threshold_cell([None, None], 200) == "> 200 (0/2)"
+
+
+def _result(start, seed, dice, n=1, to=None):
+    return {"architecture": "plainconvunet", "start": start, "budget": "same", "n": n, "seed": seed,
+            "pretrain_iterations": 0 if start == "scratch" else 10, "finetune_iterations": 40, "test_dice": dice,
+            "iterations_to_threshold": to, "val_dice": [0.1, 0.2]}
+
+
+def test_summary_pairs_by_seed():
+    results = [_result("scratch", 0, 0.40), _result("scratch", 1, 0.50), _result("scratch", 2, 0.45),
+               _result("vf/pool", 2, 0.55, to=20), _result("vf/pool", 0, 0.42), _result("vf/pool", 1, 0.60, to=40)]
+    rows = {r["start"]: r for r in summarize(results)}
+    assert rows["scratch"]["dice_mean"] == pytest.approx(0.45)
+    assert rows["scratch"]["dice_std"] == pytest.approx(0.05)
+    assert rows["scratch"]["dice_range"] == pytest.approx(0.10)
+    # pairs by seed: 0.42-0.40, 0.60-0.50, 0.55-0.45 -> 0.02, 0.10, 0.10
+    assert rows["vf/pool"]["diff_mean"] == pytest.approx(0.22 / 3)
+    assert rows["vf/pool"]["diff_std"] == pytest.approx(np.std([0.02, 0.10, 0.10], ddof=1))
+    assert rows["vf/pool"]["to_threshold"] == [None, 40, 20]  # ordered by seed
+
+
+def test_planned_runs_and_equal_budget():
+    s = BenchmarkSettings(methods=("volume_fusion",), seeds=(0, 1, 2), n_labeled=(1, 6), data=("intask", "pool"),
+                          pretrain_iterations=100, finetune_iterations=300, equal_budget=True)
+    runs = planned_runs(s, ["volume_fusion"])
+    # per (n, seed): scratch, 2 pretrained starts, the equal-budget scratch run; 2 budgets x 3 seeds
+    assert len(runs) == 24
+    equal = [r for r in runs if r.budget == "equal"]
+    assert {(r.start, r.finetune_iterations, r.pretrain_iterations) for r in equal} == {("scratch", 400, 0)}
+    assert {r.finetune_iterations for r in runs if r.budget == "same"} == {300}
+    assert [r.n for r in runs[:12]] == [1] * 12  # budget-major: an interrupted run has whole label budgets
+
+
+def test_equal_budget_pairs_pretrained_with_the_longer_scratch_runs():
+    results = [_result("scratch", 0, 0.40), _result("scratch", 1, 0.50), _result("vf/pool", 0, 0.45),
+               _result("vf/pool", 1, 0.52)]
+    for seed, dice in ((0, 0.50), (1, 0.56)):
+        results.append({**_result("scratch", seed, dice), "budget": "equal", "finetune_iterations": 50})
+    rows = {(r["start"], r["budget"]): r for r in summarize(results)}
+    assert rows[("vf/pool", "same")]["diff_mean"] == pytest.approx(0.035)  # 0.05, 0.02
+    assert rows[("vf/pool", "equal")]["diff_mean"] == pytest.approx(-0.045)  # -0.05, -0.04
+    assert rows[("vf/pool", "equal")]["scratch_iterations"] == 50
+    assert rows[("scratch", "equal")]["dice_mean"] == pytest.approx(0.53)
+
+
+def _incompatible_pair():
+    from nnssl.architectures import ARCHITECTURES
+    from nnssl.ssl import METHODS
+
+    for m in METHODS.names():
+        for a in ARCHITECTURES.names():
+            if METHODS.get(m).requires - ARCHITECTURES.get(a).capabilities:
+                return m, a
+    raise AssertionError("no registered (method, architecture) pair is incompatible; this test needs one")
+
+
+def test_refusals():
+    m, a = _incompatible_pair()
+    with pytest.raises(NnsslError, match="cannot run on architecture"):
+        validate(BenchmarkSettings(methods=(m,), architectures=(a,)))
+    assert m not in validate(BenchmarkSettings(architectures=(a,)))  # every method: incompatible ones left out
+    with pytest.raises(NnsslError, match="multiple of --iterations_per_epoch"):
+        validate(BenchmarkSettings(methods=("volume_fusion",), finetune_iterations=300, pretrain_iterations=290,
+                                   iterations_per_epoch=20, equal_budget=True))  # 590 is not whole epochs
+
+
+def test_label_budget_larger_than_pool_writes_nothing(tmp_path):
+    from nnssl.benchmark_ssl import run_benchmark
+
+    out = tmp_path / "bench"
+    with pytest.raises(NnsslError, match="labeled pool has 6 cases"):
+        run_benchmark(BenchmarkSettings(methods=("volume_fusion",), n_labeled=(1, 7)), str(out))
+    assert not out.exists()
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    check_settings_file(str(tmp_path), BenchmarkSettings(seeds=(0, 1, 2)))
+    check_settings_file(str(tmp_path), BenchmarkSettings(seeds=(0, 1, 2)))  # same: resumes
+    with pytest.raises(NnsslError, match=r"seeds: \[0, 1, 2\] there, \[0, 1\] now"):
+        check_settings_file(str(tmp_path), BenchmarkSettings(seeds=(0, 1)))
+
+
+def test_quick_run_end_to_end_and_resume(tmp_path, monkeypatch):
+    from nnssl.cli.benchmark_ssl import main
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    out = str(tmp_path / "bench")
+    args = ["--quick", "-m", "volume_fusion", "-o", out]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["start"], r["n"], r["seed"]) for r in rows] == [("scratch", "1", "0"), ("volume_fusion/pool", "1", "0")]
+    assert all(0.0 <= float(r["test_dice"]) <= 1.0 for r in rows)
+    for r in rows:
+        folder = os.path.join(out, "runs", "plainconvunet", r["start"].replace("/", "__"), "n1_s0")
+        with open(os.path.join(folder, "result.json")) as f:
+            assert len(json.load(f)["val_dice"]) == 2  # 4 iterations, 2 per epoch: one value per epoch
+    assert "| plainconvunet | 1 | volume_fusion/pool |" in open(os.path.join(out, "results.md")).read()
+    assert os.path.getsize(os.path.join(out, "results.png")) > 0
+
+    import nnssl.training.finetune as finetune
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    with pytest.raises(SystemExit) as e:
+        main(args)  # resumes: every run is finished
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--threshold", "0.5"])
+    assert e.value.code == 2

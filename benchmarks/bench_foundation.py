@@ -37,7 +37,7 @@ def make_data(root, cases, shape):
 def grow_pool(folder, n):
     """Copy the pool's preprocessed cases under new names until it holds ``n`` (manifest updated)."""
     manifest_file = os.path.join(folder, "nnsslPretrain_manifest.json")
-    with open(manifest_file) as f:
+    with open(manifest_file, encoding="utf-8") as f:
         manifest = json.load(f)
     seeds = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".pkl"))
     have = len(seeds)
@@ -46,7 +46,7 @@ def grow_pool(folder, n):
         for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
             shutil.copyfile(os.path.join(folder, src + suffix), os.path.join(folder, f"copy{i:06d}{suffix}"))
     manifest.update(num_cases=n, num_expected=n)
-    with open(manifest_file, "w") as f:
+    with open(manifest_file, "w", encoding="utf-8") as f:
         json.dump(manifest, f)
 
 

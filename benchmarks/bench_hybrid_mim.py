@@ -15,7 +15,7 @@ the default (96³, batch 2, full-size networks) takes several minutes on 2 cores
 and ``--patch 64`` make a smoke run.
 
 Run: ``python benchmarks/bench_hybrid_mim.py [--patch 96] [--batch 2] [--reps 3] [--device cpu]
-[--preset tiny] [--swin_hybrid]``.
+[--preset tiny] [--hybrid_archs plainconvunet swinunetr] [--skip_segmentation]``.
 """
 import argparse
 import dataclasses
@@ -92,7 +92,9 @@ def main():
     p.add_argument("--preset", default=None, help="architecture size preset (e.g. tiny); default the papers'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--swin_hybrid", action="store_true", help="also time partial vs full HybridMIM on swinunetr")
+    p.add_argument("--hybrid_archs", nargs="*", default=["plainconvunet"],
+                   help="architectures to time partial vs full HybridMIM on (e.g. plainconvunet swinunetr)")
+    p.add_argument("--skip_segmentation", action="store_true", help="leave out the swinunetr / plainconvunet row")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,14 +104,15 @@ def main():
     print(f"device {device}, torch threads {torch.get_num_threads()}, crop {list(patch)}, batch {args.batch}, "
           f"preset {args.preset or 'paper size'}, median of {args.reps} after {args.warmup} warm-up")
 
-    archs = ["plainconvunet"] + (["swinunetr"] if args.swin_hybrid else [])
-    for arch in archs:
+    for arch in args.hybrid_archs:
         partial = hybrid_step_time(arch, patch, args.batch, region, args, device)
         full = hybrid_step_time(arch, patch, args.batch, patch, args, device)
         print(f"hybrid_mim step on {arch}: partial region {list(region)} {partial:.3f} s, full reconstruction "
               f"{full:.3f} s -> partial takes {100 * (1 - partial / full):.1f} % less time (paper: 36-52 %; "
               f"target >= 30 % on plainconvunet)")
 
+    if args.skip_segmentation:
+        return
     swin = segmentation_fwd_bwd_time("swinunetr", patch, args.batch, args, device)
     unet = segmentation_fwd_bwd_time("plainconvunet", patch, args.batch, args, device)
     print(f"segmentation forward+backward: swinunetr {swin:.3f} s, plainconvunet {unet:.3f} s -> "

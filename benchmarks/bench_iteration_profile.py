@@ -10,11 +10,28 @@ its own data loaders, network, loss and optimizer are timed call by call:
 - per epoch: ``validation`` (``--val_iterations`` batches through ``validation_step``) and
   ``epoch_end`` (nnU-Net's ``on_epoch_end``: log, best checkpoint, ``progress.png``).
 
-Pretraining: ``nnssl_pretrain``'s own per-iteration log (``data_wait`` / ``step`` times in
-the progress log) is read back after a short run.
+Pretraining needs no script: the engine's ``training_log.txt`` gives per epoch the epoch time
+and the data-wait time and fraction (e.g. Volume Fusion at the demo size, 1 torch thread, load
+~5: 1.2 s per iteration, data wait 0.8 %).
 
 Each (loader workers, torch threads) setting is timed separately, because on 2 cores the
 loader processes and torch's intra-op threads compete for the same cores.
+
+Measured (demo data 32x64x64, tiny plainconvunet, batch 2, nnsslTrainer_Short; the 2 cores
+shared with other jobs, load average 1.0 -> 4.0 during the run), seconds:
+
+| workers | threads | data | forward | backward | optimizer | iteration | validation | epoch_end |
+|---|---|---|---|---|---|---|---|---|
+| 0 | 2 | 0.126 | 0.357 | 0.455 | 0.069 | 1.007 | 0.264 | 1.031 |
+| 1 | 1 | 0.000 | 0.424 | 0.680 | 0.017 | 1.121 | 0.698 | 1.458 |
+| 2 | 2 | 0.000 | 0.629 | 0.763 | 0.050 | 1.442 | 0.767 | 1.104 |
+| 0 | 1 | 0.157 | 0.277 | 0.525 | 0.014 | 0.972 | 0.468 | 1.279 |
+
+"2 workers, 2 threads" is what nnU-Net picks on a 2-core machine without ``nnUNet_n_proc_DA``
+(min(12, cpu count)); augmentation in the main process is ~30 % faster per iteration, so the
+demo and ``nnssl_benchmark_ssl`` set ``nnUNet_n_proc_DA=0``. ``epoch_end`` was almost all
+``progress.png``: without the redraw (``nnsslTrainer_Short`` redraws every 5 epochs) it measured
+0.11 s at load ~14, where an iteration took 22 s.
 
 Run (after the demo, or any plan+preprocess with the tiny preset):
 ``nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=/tmp/x python benchmarks/bench_iteration_profile.py
@@ -40,9 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="timed epoch ends (validation + on_epoch_end)")
     p.add_argument("--settings", nargs="+", default=["0:2", "1:1", "2:2"],
                    help="WORKERS:THREADS pairs (nnUNet_n_proc_DA, torch threads)")
-    p.add_argument("--pretrain_method", default=None, help="also time this many pretraining iterations' method")
-    p.add_argument("--pretrain_iterations", type=int, default=20)
-    p.add_argument("--pretraining_data", default="CTUnlabeled")
     return p.parse_args(argv)
 
 

@@ -223,7 +223,7 @@ def main(argv=None) -> None:
         t_setup = time.perf_counter() - t_start
         m = measure_in_process(root, args)
         run = run_pretraining(root, args.threads, args.workers, args.iterations, args.warmup)
-        with open(os.path.join(root, "pretraining", "training_log.txt")) as f:
+        with open(os.path.join(root, "pretraining", "training_log.txt"), encoding="utf-8") as f:
             epoch_lines = [line.rstrip() for line in f if ": epoch " in line]
     finally:
         if args.keep:

@@ -9,10 +9,11 @@
    the same network (as pretraining builds it: 1 output channel) on the same crops (issue target:
    <= 2.6); also with Adam's step and the EMA update included.
 3. **BYOL heads at 96^3**: projector + predictor (+ the EMA target projector) on a QT-UNet-B
-   bottleneck (768 x 3^3, two views of ``--batch`` crops), flattened (the authors' default) or
-   pooled first: parameters, parameter memory (weights, gradients, Adam's two moments, the target
-   copy) and the measured peak resident memory of a forward + backward + Adam step in a fresh
-   subprocess (``ru_maxrss`` minus the same process's peak before the heads existed).
+   bottleneck (768 x 3^3, two views of ``--batch`` crops), flattened (the authors' code) or
+   pooled first (swin_pretext's default): parameters, parameter memory (weights, gradients,
+   Adam's two moments, the target copy) and the measured peak resident memory of a forward +
+   backward + Adam step in a fresh subprocess (``ru_maxrss`` minus the same process's peak
+   before the heads existed).
 
 Run: ``python benchmarks/bench_qt_unet.py [--patch 64] [--batch 2] [--reps 2]`` (about 2-4 minutes
 at 64^3 on 2 busy cores; ``--patch 96`` is the paper's CT patch and takes several times longer).

@@ -53,7 +53,7 @@ def main(argv=None):
     out = os.path.abspath(a.out)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         tree, labels_ts = demo.prepare_data(s, os.path.join(out, "data"))
-    with open(os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV", "dataset.json")) as f:
+    with open(os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV", "dataset.json"), encoding="utf-8") as f:
         dataset_json = json.load(f)
     print(f"shape {tuple(a.shape)}, {a.cases} cases, {a.epochs} x {a.iterations_per_epoch} iterations, seed {a.seed}")
     print("| variant | test mean Dice | " + " | ".join(ORGANS) + " | wall | load |\n|---|---|" + "---|" * len(ORGANS)
@@ -65,7 +65,7 @@ def main(argv=None):
         seed_everything(a.seed)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             pred = demo.finetune_and_test(s, tree, labels_ts, run_root, None)
-        with open(os.path.join(pred, "summary.json")) as f:
+        with open(os.path.join(pred, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
         per = organ_dice(summary, dataset_json)
         print(f"| {text or 'default'} | {summary['foreground_mean']['Dice']:.3f} | "

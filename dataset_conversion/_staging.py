@@ -53,7 +53,7 @@ def open_stage(final: str, plan) -> str:
     plan_path = os.path.join(stage, _PLAN_FILE)
     previous = None
     if os.path.isfile(plan_path):
-        with open(plan_path) as f:
+        with open(plan_path, encoding="utf-8") as f:
             previous = json.load(f)
     if previous != plan:
         shutil.rmtree(stage, ignore_errors=True)

@@ -38,7 +38,7 @@ def read_msd_json(task_dir: str) -> dict:
         raise NnsslError(f"No dataset.json in MSD task folder '{task_dir}'. Every MSD task ships one; extract the "
                          f"task archive again.")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             dj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NnsslError(f"'{path}' is not valid JSON ({e}). Fix it or extract the task archive again.") from None
@@ -173,7 +173,7 @@ def convert_msd(task_dir: str, dataset_id: Optional[int] = None, overwrite: bool
         with _nnunet_folders(tmp_root):
             convert_msd_dataset(task_dir, overwrite_target_id=target_id, num_processes=max(1, num_processes))
         stage = os.path.join(tmp_root, full)
-        with open(os.path.join(stage, "dataset.json")) as f:
+        with open(os.path.join(stage, "dataset.json"), encoding="utf-8") as f:
             out_json = json.load(f)
         out_json["nnssl_source"] = f"nnssl_convert_msd (nnU-Net's MSD converter) from {task_dir}"
         write_json(out_json, os.path.join(stage, "dataset.json"))

@@ -71,7 +71,7 @@ def _check_folder(out_dir: str, settings: dict) -> None:
         raise NnsslError(f"Output '{out_dir}' exists and is not a folder; pass another -o.")
     manifest = os.path.join(out_dir, MANIFEST)
     if os.path.isfile(manifest):
-        with open(manifest) as f:
+        with open(manifest, encoding="utf-8") as f:
             old = json.load(f)
         if old != settings:
             diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)

@@ -248,7 +248,7 @@ def load_dataset_json(folder: str) -> dict:
             f"numTraining and file_ending; the nnssl_convert_* commands write it, or write it by hand."
         )
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             dj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NnsslError(f"'{path}' is not valid JSON ({e}). Fix the syntax (e.g. a missing comma or quote).") from None

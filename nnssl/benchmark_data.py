@@ -84,7 +84,7 @@ class BenchmarkData:
     def dataset_json(self) -> dict:
         import json
         from nnssl import paths
-        with open(os.path.join(paths.preprocessed(), self.target, "dataset.json")) as f:
+        with open(os.path.join(paths.preprocessed(), self.target, "dataset.json"), encoding="utf-8") as f:
             return json.load(f)
 
     def materialize(self) -> "BenchmarkData":
@@ -153,7 +153,7 @@ def _link(src: str, dst: str) -> None:
 
 def _user_cases(raw_folder: str) -> Tuple[List[str], str]:
     import json
-    with open(os.path.join(raw_folder, "dataset.json")) as f:
+    with open(os.path.join(raw_folder, "dataset.json"), encoding="utf-8") as f:
         dj = json.load(f)
     ending = dj.get("file_ending", ".nii.gz")
     if len(dj.get("channel_names", {"0": ""})) != 1:

@@ -232,7 +232,7 @@ def check_settings_file(out_dir: str, s: BenchmarkSettings) -> None:
     """Refuse to mix runs of other settings into ``out_dir``; write settings.json on the first run."""
     path = os.path.join(out_dir, "settings.json")
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             old = json.load(f)
         new = s.to_json()
         diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))

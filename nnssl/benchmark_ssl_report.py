@@ -91,7 +91,7 @@ def write_csv(results: List[dict], path: str) -> None:
     w.writeheader()
     for r in sorted(results, key=lambda r: (r["architecture"], r["n"], r["start"], r["budget"], r["seed"])):
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(buf.getvalue())
 
 
@@ -106,7 +106,7 @@ def write_png(rows: List[dict], results: List[dict], path: str) -> None:
                     key=lambda x: (x[0] != "scratch", x))
     ns = sorted({r["n"] for r in rows})
     colors = {st: plt.cm.tab10(i % 10) for i, st in enumerate(starts)}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     width = 0.8 / max(1, len(starts))
     for i, st in enumerate(starts):
         vals = [next((r for r in rows if (r["start"], r["budget"]) == st and r["n"] == n), None) for n in ns]
@@ -132,7 +132,6 @@ def write_png(rows: List[dict], results: List[dict], path: str) -> None:
     ax2.set_ylabel("validation pseudo Dice (mean over seeds)")
     ax2.set_title(f"Validation curves, n = {ns[-1]}")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
@@ -141,7 +140,7 @@ def write_png(rows: List[dict], results: List[dict], path: str) -> None:
 def write_reports(s, results: List[dict], out_dir: str, figure: bool = True) -> dict:
     rows = summarize(results)
     md = markdown(s, rows)
-    with atomic_path(os.path.join(out_dir, "results.md")) as tmp, open(tmp, "w") as f:
+    with atomic_path(os.path.join(out_dir, "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(md)
     write_csv(results, os.path.join(out_dir, "results.csv"))
     if figure:

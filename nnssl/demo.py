@@ -168,7 +168,7 @@ def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
 
 def _foreground_dice(pred_dir: str) -> float:
     import json
-    with open(os.path.join(pred_dir, "summary.json")) as f:
+    with open(os.path.join(pred_dir, "summary.json"), encoding="utf-8") as f:
         return float(json.load(f)["foreground_mean"]["Dice"])
 
 
@@ -190,7 +190,7 @@ def existing_pictures(root: str, run_folders: List[str]) -> List[Tuple[str, str]
     for rel, what in PICTURES:
         if rel.startswith("runs/"):
             which = 0 if "/scratch/" in rel else 1
-            with open(os.path.join(run_folders[which], "nnssl_run.json")) as f:
+            with open(os.path.join(run_folders[which], "nnssl_run.json"), encoding="utf-8") as f:
                 path = os.path.join(json.load(f)["fold_dir"], "progress.png")
         else:
             path = os.path.join(root, rel)

@@ -33,6 +33,6 @@ def atomic_path(final_path: str) -> Iterator[str]:
 
 def write_json(obj, final_path: str) -> None:
     with atomic_path(final_path) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")

@@ -89,7 +89,7 @@ def details_to_log(log_path: Optional[str], verbose: bool = False, title: str = 
         yield log_path
         return
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    with open(log_path, "a") as log:
+    with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n")
         stream = _DetailFilter(sys.stdout, log, verbose)
         try:

@@ -121,7 +121,7 @@ def export_pretrained(checkpoint: str, output: str) -> dict:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # weights barely compress
             z.writestr(CHECKPOINT_NAME, data)
             z.writestr("checkpoint_final.json", json.dumps(metadata, indent=2))
-            with open(plans_file) as f:
+            with open(plans_file, encoding="utf-8") as f:
                 z.writestr("plans.json", f.read())
             z.writestr(CARD_NAME, json.dumps(card, indent=2))
     return card
@@ -133,7 +133,7 @@ def _volume_count(ckpt: dict):
 
     folder = pretraining_data_folder(ckpt["dataset"], ckpt["pretraining_data"], ckpt["data_identifier"])
     try:
-        with open(os.path.join(folder, MANIFEST)) as f:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
             return int(json.load(f)["num_cases"])
     except (OSError, ValueError, KeyError):
         return None

@@ -159,7 +159,7 @@ def _validate(target: str, sources: Sequence[str], full: bool, show_progress: bo
 def _fingerprint(target: str, num_processes: int, clean: bool, show_progress: bool) -> None:
     fingerprint = os.path.join(paths.preprocessed(), target, "dataset_fingerprint.json")
     try:  # nnU-Net writes it non-atomically: redo a truncated one instead of trusting it
-        with open(fingerprint) as f:
+        with open(fingerprint, encoding="utf-8") as f:
             redo = clean or "spacings" not in json.load(f)
     except (OSError, ValueError):
         redo = True

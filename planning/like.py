@@ -25,6 +25,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnssl import paths
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
+from nnssl.training.channel_adaptation import check_channels_adaptable
 
 LIKE_PREFIX = "nnsslLike"
 
@@ -40,17 +41,6 @@ def like_plans_file(target: str, checkpoint: str) -> str:
 
     arch = load_pretraining_checkpoint(checkpoint)["architecture"]["name"]
     return os.path.join(paths.preprocessed(), target, like_plans_name(arch, checkpoint_sha256(checkpoint)) + ".json")
-
-
-def check_channels_adaptable(checkpoint_channels: int, target_channels: int, what: str) -> None:
-    """Refuse a target whose channel count cannot be reached from the checkpoint's by repetition."""
-    if target_channels < checkpoint_channels or target_channels % checkpoint_channels:
-        raise NnsslError(
-            f"{what} has {target_channels} input channel(s) but the checkpoint was pretrained with "
-            f"{checkpoint_channels}. nnssl adapts a checkpoint to more channels by repeating its stem weights "
-            f"(the target's channel count must be a multiple of the checkpoint's); fewer channels would drop "
-            f"pretrained inputs. Use a checkpoint pretrained with {target_channels} channel(s) or fewer that "
-            f"divide it.")
 
 
 def replan_batch_size(planner, patch, arch: dict, num_classes: int, approx_voxels: float) -> int:

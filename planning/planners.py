@@ -122,7 +122,7 @@ class _NnsslPlannerMixin:
                                            "numTraining": 0, "file_ending": ".nii.gz", "dataset": {}}),
                     (pre, "dataset_fingerprint.json", {"median_relative_size_after_cropping": 1.0})):
                 os.makedirs(os.path.join(folder, _STANDIN_DATASET))
-                with open(os.path.join(folder, _STANDIN_DATASET, name), "w") as f:
+                with open(os.path.join(folder, _STANDIN_DATASET, name), "w", encoding="utf-8") as f:
                     json.dump(content, f)
             # nnU-Net's planner reads its folders from module globals bound at import time.
             with mock.patch.object(default_experiment_planner, "nnUNet_raw", raw), \

@@ -154,7 +154,7 @@ def ensure_signature(folder: str, signature: dict, rerun_hint: str) -> None:
     """Record the signature of new data, or refuse to add to data made with other plans."""
     path = signature_file(folder)
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             old = json.load(f)
         if old != signature:
             differ = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))

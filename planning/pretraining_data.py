@@ -157,7 +157,7 @@ def find_pretraining_data(target_full_name: str, source: str, data_identifier: s
     if not os.path.isfile(manifest_file):
         raise NnsslError(f"No preprocessed pretraining data for {source} under {target_full_name}'s plans "
                          f"({data_identifier}; expected {folder}). Run `{command}` first.")
-    with open(manifest_file) as f:
+    with open(manifest_file, encoding="utf-8") as f:
         manifest = json.load(f)
     n_done = len(finished_cases(folder))
     if n_done < manifest["num_expected"]:

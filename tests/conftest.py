@@ -89,7 +89,7 @@ def write_raw_dataset(raw_root, name="Dataset001_Blobs", n_train=4, n_test=1, n_
         else:
             write_image(os.path.join(root, "imagesTs", case + "_0000.nii.gz"), img, sp)
     labels = {"background": 0, **{f"organ{k}": k for k in range(1, n_labels + 1)}}
-    with open(os.path.join(root, "dataset.json"), "w") as f:
+    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump({"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_train,
                    "file_ending": ".nii.gz"}, f, indent=2)
     return root

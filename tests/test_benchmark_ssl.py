@@ -126,15 +126,15 @@ def test_quick_run_end_to_end_and_resume(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0
-    with open(os.path.join(out, "results.csv")) as f:
+    with open(os.path.join(out, "results.csv"), encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["start"], r["n"], r["seed"]) for r in rows] == [("scratch", "1", "0"), ("volume_fusion/pool", "1", "0")]
     assert all(0.0 <= float(r["test_dice"]) <= 1.0 for r in rows)
     for r in rows:
         folder = os.path.join(out, "runs", "plainconvunet", r["start"].replace("/", "__"), "n1_s0")
-        with open(os.path.join(folder, "result.json")) as f:
+        with open(os.path.join(folder, "result.json"), encoding="utf-8") as f:
             assert len(json.load(f)["val_dice"]) == 2  # 4 iterations, 2 per epoch: one value per epoch
-    assert "| plainconvunet | 1 | volume_fusion/pool |" in open(os.path.join(out, "results.md")).read()
+    assert "| plainconvunet | 1 | volume_fusion/pool |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
     assert os.path.getsize(os.path.join(out, "results.png")) > 0
 
     import nnssl.training.finetune as finetune

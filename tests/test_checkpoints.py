@@ -71,7 +71,7 @@ def test_round_trip_is_weights_only_and_excludes_output_convs(saved, plans):
     assert ckpt["normalization"]["normalization_schemes"] == ["CTNormalization"]
     assert ckpt["method"]["config"] == {"box": [8, 16, 16], "lr": 1e-3, "count": 4}
     assert type(ckpt["method"]["config"]["count"]) is int
-    with open(path[:-4] + ".json") as f:
+    with open(path[:-4] + ".json", encoding="utf-8") as f:
         assert json.load(f) == {k: ckpt[k] for k in METADATA_KEYS}
     loaded = load_pretraining_checkpoint(path, cm.network_arch_class_name, cm.network_arch_init_kwargs, 1)
     assert loaded["transfer"] == "encoder+decoder"

@@ -23,7 +23,7 @@ def case(metrics):
 
 def write(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f)
 
 
@@ -57,7 +57,7 @@ def runs(tmp_path):
 
 
 def read_csv(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -87,14 +87,14 @@ def test_report_files_and_numbers(runs, tmp_path, capsys):
     assert rows[0]["architecture"] == "plainconvunet" and rows[3]["method"] == "unknown"
     assert rows[3]["class_name"] == "liver" and rows[0]["class_name"] == ""
 
-    md = open(prefix + ".md").read()
+    md = open(prefix + ".md", encoding="utf-8").read()
     assert "| scratch | plainconvunet | none | none | 2 | 0.600 ± 0.100 | 4.50 ± 0.00 (1 undef.) |" in md
     assert f"| {label_b} | unknown | unknown | unknown | 2 | 0.750 ± 0.050 | n/a | n/a |" in md
     assert "| run | 1 liver | 2 spleen |" in md and "| scratch | 0.700 ± 0.100 | 0.500 ± 0.100 |" in md
     assert "| scratch | plainconvunet" in capsys.readouterr().out
     with open(prefix + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    with open(prefix + ".svg") as f:
+    with open(prefix + ".svg", encoding="utf-8") as f:
         assert "<svg" in f.read(2000)
     assert sorted(os.listdir(tmp_path / "out")) == ["report.csv", "report.md", "report.png", "report.svg"]
 

@@ -75,7 +75,7 @@ def test_round_trip_preserves_voxels_and_geometry(nnunet_env, raw_data):
 def test_dataset_json(nnunet_env, raw_data):
     out = convert_btcv(raw_data[0], dataset_id=17, progress=False)
     assert os.path.basename(out) == "Dataset017_BTCV"
-    with open(os.path.join(out, "dataset.json")) as f:
+    with open(os.path.join(out, "dataset.json"), encoding="utf-8") as f:
         dj = json.load(f)
     assert dj["channel_names"] == {"0": "CT"}
     assert dj["labels"] == {
@@ -102,7 +102,7 @@ def test_id_handling(nnunet_env, raw_data):
 def test_overwrite_replaces_existing(nnunet_env, raw_data):
     out = convert_btcv(raw_data[0], progress=False)
     marker = os.path.join(out, "stale.txt")
-    open(marker, "w").close()
+    open(marker, "w", encoding="utf-8").close()
     assert convert_btcv(raw_data[0], overwrite=True, progress=False) == out
     assert not os.path.exists(marker) and len(os.listdir(os.path.join(out, "imagesTr"))) == 3
     assert sorted(os.listdir(nnunet_env["nnUNet_raw"])) == ["Dataset001_BTCV"]

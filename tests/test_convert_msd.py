@@ -46,7 +46,7 @@ def make_task(root, name, modalities, rng, train=("case_001", "case_002"), test=
             write_image(os.path.join(task, "labelsTr", case + ".nii.gz"), rng.integers(0, 3, SHAPE).astype(np.uint8),
                         SPACING, ORIGIN, DIRECTION)
         arrays[case] = arr
-    with open(os.path.join(task, "dataset.json"), "w") as f:
+    with open(os.path.join(task, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump({"name": name, "modality": {str(i): m for i, m in enumerate(modalities)},
                    "labels": {"0": "background", "1": "edema", "2": "tumour"}, "numTraining": len(train),
                    "numTest": len(test),
@@ -66,7 +66,7 @@ def test_single_and_multi_modal_tasks(nnunet_env, tmp_path):
     img = sitk.ReadImage(os.path.join(out, "imagesTr", "case_002_0000.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), arr1["case_002"])
     assert img.GetDirection() == DIRECTION
-    with open(os.path.join(out, "dataset.json")) as f:
+    with open(os.path.join(out, "dataset.json"), encoding="utf-8") as f:
         dj = json.load(f)
     assert dj["channel_names"] == {"0": "CT"}
     assert dj["labels"] == {"background": 0, "edema": 1, "tumour": 2}
@@ -117,10 +117,10 @@ def _label_not_listed(task):
 
 def _bad_json_keys(task):
     p = os.path.join(task, "dataset.json")
-    with open(p) as f:
+    with open(p, encoding="utf-8") as f:
         dj = json.load(f)
     del dj["modality"]
-    with open(p, "w") as f:
+    with open(p, "w", encoding="utf-8") as f:
         json.dump(dj, f)
     return p
 

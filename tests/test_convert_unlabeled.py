@@ -54,7 +54,7 @@ def make_mixed_folder(root, rng):
         uid = f"{UID_ROOT}.{2 + j}"
         write_dicom_series(os.path.join(root, "dicom"), arr, geom["spacing"], geom["origin"], uid, f"s{j}_")
         truth[f"dicom#{uid}"] = (arr, geom)
-    with open(os.path.join(root, "notes.txt"), "w") as f:
+    with open(os.path.join(root, "notes.txt"), "w", encoding="utf-8") as f:
         f.write("not an image")
     return truth
 
@@ -69,7 +69,7 @@ def test_mixed_formats_round_trip(nnunet_env, mixed):
     src, truth = mixed
     out = convert_unlabeled(src, dataset_id=3, name="Pool", progress=False)
     assert out == os.path.join(nnunet_env["nnUNet_raw"], "Dataset003_Pool")
-    with open(os.path.join(out, "conversion_log.json")) as f:
+    with open(os.path.join(out, "conversion_log.json"), encoding="utf-8") as f:
         log = json.load(f)
     keys = [os.path.relpath(c["source"], src) + (f"#{c['series_uid']}" if "series_uid" in c else "")
             for c in log["cases"]]
@@ -93,7 +93,7 @@ def test_dataset_json_and_channel_name(nnunet_env, mixed, capsys):
     with pytest.raises(SystemExit) as e:
         main(["-i", mixed[0], "--name", "MRPool", "--channel_name", "T1"])
     assert e.value.code == 0
-    with open(os.path.join(nnunet_env["nnUNet_raw"], "Dataset001_MRPool", "dataset.json")) as f:
+    with open(os.path.join(nnunet_env["nnUNet_raw"], "Dataset001_MRPool", "dataset.json"), encoding="utf-8") as f:
         dj = json.load(f)
     assert dj["channel_names"] == {"0": "T1"} and dj["labels"] == {"background": 0}
     assert dj["numTraining"] == 7 and dj["file_ending"] == ".nii.gz" and dj["nnssl_unlabeled"] is True
@@ -150,7 +150,7 @@ def test_bad_input_fails_cleanly(nnunet_env, mixed, corrupt, capsys):
 
 def test_empty_folder(nnunet_env, tmp_path):
     (tmp_path / "empty" / "deeper").mkdir(parents=True)
-    (tmp_path / "empty" / "readme.md").write_text("no volumes here")
+    (tmp_path / "empty" / "readme.md").write_text("no volumes here", encoding="utf-8")
     with pytest.raises(NnsslError, match=r"Found no volumes in '.*empty' .*1 other file\(s\) ignored"):
         convert_unlabeled(str(tmp_path / "empty"), dataset_id=1, name="X", progress=False)
     assert os.listdir(nnunet_env["nnUNet_raw"]) == []
@@ -160,13 +160,13 @@ def test_skip_bad_lists_skipped(nnunet_env, mixed):
     src = mixed[0]
     bad_file, bad_dir = _truncated_gz(src), _no_series(src)
     out = convert_unlabeled(src, dataset_id=5, name="Pool", skip_bad=True, progress=False)
-    with open(os.path.join(out, "conversion_log.json")) as f:
+    with open(os.path.join(out, "conversion_log.json"), encoding="utf-8") as f:
         log = json.load(f)
     assert sorted(s["source"] for s in log["skipped"]) == sorted([bad_file, bad_dir])
     assert all(s["source"] in s["error"] for s in log["skipped"])
     assert [c["output"] for c in log["cases"]] == [f"imagesTr/Pool_{i:04d}_0000.nii.gz" for i in range(1, 7)]
     assert bad_file not in [c["source"] for c in log["cases"]]
-    with open(os.path.join(out, "dataset.json")) as f:
+    with open(os.path.join(out, "dataset.json"), encoding="utf-8") as f:
         assert json.load(f)["numTraining"] == 6
 
 

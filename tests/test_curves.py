@@ -57,7 +57,7 @@ def test_curves_from_a_finished_training_and_from_its_text_log(fold_dir, tmp_pat
 def test_compare_finds_the_training_of_a_validation_folder(fold_dir):
     validation = os.path.join(fold_dir, "validation")
     os.makedirs(validation, exist_ok=True)
-    with open(os.path.join(validation, "summary.json"), "w") as f:
+    with open(os.path.join(validation, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"metric_per_case": [{"metrics": {"1": {"Dice": 0.5}, "2": {"Dice": 0.7}}}],
                    "foreground_mean": {"Dice": 0.6}}, f)
     out = compare_runs([validation], os.path.join(fold_dir, "report"))

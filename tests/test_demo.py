@@ -17,9 +17,9 @@ def _run_folder(root, label, dice, with_progress=True):
         open(os.path.join(fold, "progress.png"), "wb").close()
     pred = os.path.join(root, "runs", label, "test_predictions")
     os.makedirs(pred)
-    with open(os.path.join(pred, "nnssl_run.json"), "w") as f:
+    with open(os.path.join(pred, "nnssl_run.json"), "w", encoding="utf-8") as f:
         json.dump({"fold_dir": fold}, f)
-    with open(os.path.join(pred, "summary.json"), "w") as f:
+    with open(os.path.join(pred, "summary.json"), "w", encoding="utf-8") as f:
         json.dump({"foreground_mean": {"Dice": dice}}, f)
     return pred
 

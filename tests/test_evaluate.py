@@ -43,7 +43,7 @@ def folders(nnunet_env, tmp_path):
     ref, pred = os.path.join(root, "labelsTr"), str(tmp_path / "pred")
     os.makedirs(ref)
     os.makedirs(pred)
-    with open(os.path.join(root, "dataset.json"), "w") as f:
+    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
                    "numTraining": 2, "file_ending": ".nii.gz"}, f)
     a, b = two_cube(0), two_cube(3, 3, 3)
@@ -91,7 +91,7 @@ def test_ignore_label_voxels_do_not_count(folders, nnunet_env):
     # there: far from the cube, it would raise label 1's HD95/ASSD if it were counted.
     ref, pred = folders
     dj_file = os.path.join(nnunet_env["nnUNet_raw"], DATASET, "dataset.json")
-    with open(dj_file) as f:
+    with open(dj_file, encoding="utf-8") as f:
         dj = json.load(f)
     dj["labels"]["ignore"] = 3
     r, p = seg(two_cube(0), two_cube(3, 3, 3)), seg(two_cube(1), two_cube(3, 3, 3))

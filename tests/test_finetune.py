@@ -109,17 +109,17 @@ def test_nnunet_trainer_crawl_imports_only_trainers(tmp_path):
     backend, and finds nnssl's trainer by name."""
     from nnssl.training.trainer_lookup import nnssl_trainer_folder
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     command = readme.split("export nnUNet_extTrainer=$(", 1)[1].split(")\n", 1)[0]
     assert command.startswith("python -c ")
     folder = subprocess.run([sys.executable, "-c", command[len("python -c "):].strip().strip('"')],
-                            capture_output=True, text=True, check=True).stdout.strip()
+                            capture_output=True, text=True, encoding="utf-8", check=True).stdout.strip()
     assert folder == nnssl_trainer_folder()
     script = tmp_path / "crawl.py"
-    script.write_text(CRAWL)
+    script.write_text(CRAWL, encoding="utf-8")
     results = {}
     for name in ("nnUNetTrainer_NotHere", "nnsslTrainer"):
-        r = subprocess.run([sys.executable, str(script), folder, name], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, str(script), folder, name], capture_output=True, text=True, encoding="utf-8", timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
         results[name] = json.loads(next(li for li in r.stdout.splitlines() if li.startswith("RESULT "))[7:])
     crawl = results["nnUNetTrainer_NotHere"]
@@ -157,7 +157,7 @@ def test_checkpoints_that_do_not_fit_are_refused(pretrain_env, vf_checkpoint, tm
     resenc = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
     with pytest.raises(NnsslError, match="architecture class: checkpoint .*ResidualEncoderUNet"):
         inject_pretrained(tr, variant("arch.pth", **{"architecture/network_class_name": resenc}))
-    with pytest.raises(NnsslError, match=r"input channels: checkpoint 2, expected 1"):
+    with pytest.raises(NnsslError, match=r"has 1 input channel\(s\) but the checkpoint was pretrained with 2"):
         inject_pretrained(tr, variant("channels.pth", input_channels=2))
     wider = list(base["architecture"]["arch_kwargs"]["features_per_stage"])
     wider[-1] *= 2
@@ -186,12 +186,12 @@ def test_checkpoints_that_do_not_fit_are_refused(pretrain_env, vf_checkpoint, tm
 
     report = inject_pretrained(tr, other_plans, allow_plans_mismatch=True)
     assert report.n_loaded > 0
-    record = json.load(open(os.path.join(run.fold_dir, "nnssl_pretrained.json")))["plans_differences"]
+    record = json.load(open(os.path.join(run.fold_dir, "nnssl_pretrained.json"), encoding="utf-8"))["plans_differences"]
     assert record["allowed"] and len(record["refused"]) == 2 and record["harmless"] == [
         "plans_name: checkpoint 'nnUNetPlansOther', fine-tuning 'nnUNetPlans'"]
     # A harmless difference alone is reported, not refused.
     inject_pretrained(tr, variant("name.pth", plans_name="nnUNetPlansOther"))
-    record = json.load(open(os.path.join(run.fold_dir, "nnssl_pretrained.json")))["plans_differences"]
+    record = json.load(open(os.path.join(run.fold_dir, "nnssl_pretrained.json"), encoding="utf-8"))["plans_differences"]
     assert record == {"refused": [], "harmless": record["harmless"], "allowed": False} and len(record["harmless"]) == 1
 
 
@@ -204,14 +204,14 @@ def test_volume_fusion_to_finetuning_with_frozen_encoder(pretrain_env, vf_checkp
 
     pre = torch.load(vf_checkpoint, weights_only=True)
     counts = unet_tensor_counts(pre["architecture"]["arch_kwargs"])
-    record = json.load(open(os.path.join(fold, "nnssl_pretrained.json")))
+    record = json.load(open(os.path.join(fold, "nnssl_pretrained.json"), encoding="utf-8"))
     assert record["sha256"] == hashlib.sha256(open(vf_checkpoint, "rb").read()).hexdigest()
     assert (record["method"], record["iteration"]) == ("volume_fusion", 2)
     c = record["report"]["counts"]
     assert c["loaded"] == counts["encoder"] + counts["decoder"]
     assert c["left_random"] == c["output_head"] == counts["heads"]
     assert record["report"]["by_prefix"]["encoder.stages"]["loaded"] == counts["encoder"]
-    log = "".join(open(os.path.join(fold, f)).read() for f in os.listdir(fold) if f.startswith("training_log"))
+    log = "".join(open(os.path.join(fold, f), encoding="utf-8").read() for f in os.listdir(fold) if f.startswith("training_log"))
     assert "loaded %d of %d tensors" % (c["loaded"], c["total"]) in log and "encoder frozen" in log
 
     final = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["network_weights"]
@@ -256,7 +256,7 @@ def test_stock_nnunetv2_train_with_pretrained_weights(pretrain_env, vf_checkpoin
 
     ext = tmp_path / "ext"
     ext.mkdir()
-    (ext / "tiny_trainer.py").write_text(TINY_STOCK_TRAINER)
+    (ext / "tiny_trainer.py").write_text(TINY_STOCK_TRAINER, encoding="utf-8")
     env = stock_nnunet_env(tmp_path, ext_trainer_folder=str(ext))
     cmd = [shutil.which("nnUNetv2_train"), DS, "3d_fullres", "all", "-tr", "nnUNetTrainer_nnsslTestTiny",
            "-pretrained_weights", vf_checkpoint, "-device", "cpu"]

@@ -26,7 +26,7 @@ def write_pool(raw_root, n=5, shape=(16, 32, 32), seed=7):
     for i in range(n):
         image, _ = make_blob_case(rng, shape)
         write_image(os.path.join(root, "imagesTr", f"pool_{i:03d}_0000.nii.gz"), image, (0.8, 0.8, 3.0))
-    with open(os.path.join(root, "dataset.json"), "w") as f:
+    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "numTraining": n,
                    "file_ending": ".nii.gz", "nnssl_unlabeled": True}, f)
 
@@ -62,7 +62,7 @@ def foundation(tmp_path_factory):
 def test_window_statistics_make_nnunets_ct_normalization_a_window(foundation):
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
 
-    with open(foundation["generic"]["plans"]["plainconvunet"]) as f:
+    with open(foundation["generic"]["plans"]["plainconvunet"], encoding="utf-8") as f:
         plans = json.load(f)
     props = plans["foreground_intensity_properties_per_channel"]["0"]
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
@@ -72,7 +72,7 @@ def test_window_statistics_make_nnunets_ct_normalization_a_window(foundation):
 
 
 def test_generic_fingerprint_uses_the_body_not_labels(foundation):
-    with open(os.path.join(foundation["nnUNet_preprocessed"], POOL, "dataset_fingerprint.json")) as f:
+    with open(os.path.join(foundation["nnUNet_preprocessed"], POOL, "dataset_fingerprint.json"), encoding="utf-8") as f:
         fp = json.load(f)
     stats = fp["foreground_intensity_properties_per_channel"]["0"]
     # body = above -500 HU: air (-1000) never counts; the blob phantoms' body is 40 HU +- noise, organs 140-220
@@ -82,7 +82,7 @@ def test_generic_fingerprint_uses_the_body_not_labels(foundation):
 
 def test_like_plans_carry_the_checkpoints_spacing_normalization_and_network(foundation):
     ckpt = torch.load(foundation["ckpt"], weights_only=True)
-    with open(foundation["like"]["plans"]["like"]) as f:
+    with open(foundation["like"]["plans"]["like"], encoding="utf-8") as f:
         plans = json.load(f)
     cfg = plans["configurations"]["3d_fullres"]
     norm = ckpt["normalization"]
@@ -109,7 +109,7 @@ def test_finetune_like_then_nnssl_and_stock_predict_agree(foundation, tmp_path, 
           epochs=1, iterations_per_epoch=2, val_iterations=1)
     fold = os.path.join(foundation["nnUNet_results"], "Dataset001_Blobs", f"nnsslTrainer__{plans_name}__3d_fullres",
                         "fold_all")
-    with open(os.path.join(fold, "nnssl_pretrained.json")) as f:
+    with open(os.path.join(fold, "nnssl_pretrained.json"), encoding="utf-8") as f:
         report = json.load(f)
     assert report["plans_differences"]["refused"] == []
     assert report["report"]["counts"]["loaded"] > 0 and report["report"]["counts"]["skipped_shape_mismatch"] == 0

@@ -12,6 +12,7 @@ from nnssl.architectures.swinunetr import TINY, SwinUNETR
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import check_compatible, compatible_architectures
 from nnssl.ssl.hybrid_mim import HybridMIM, HybridMIMConfig, has_active_dropout, nt_xent, partial_decode
+from nnssl.transforms.hybrid_masking import region_offsets, voxel_mask
 
 
 def unet(norm=nn.InstanceNorm3d, stages=3, channels=1):
@@ -122,7 +123,6 @@ def test_reconstruction_loss_counts_masked_region_voxels_only():
 
     net.decoder = ZeroDecoder()
     losses = method.forward_loss(net, batch)
-    from nnssl.transforms.hybrid_masking import region_offsets, voxel_mask
     start = region_offsets(crop, (32, 32, 32), (8, 8, 8), batch["region_coin"].tolist())
     box = tuple(slice(s, s + 32) for s in start)
     vox = voxel_mask(batch["patch_mask"].numpy(), method.geometry)[(slice(None),) + box]

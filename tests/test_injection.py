@@ -266,7 +266,7 @@ def test_frozen_encoder_under_ddp_with_two_gloo_processes(tmp_path):
     import sys
 
     script = tmp_path / "ddp_freeze.py"
-    script.write_text(DDP_FREEZE_SCRIPT)
+    script.write_text(DDP_FREEZE_SCRIPT, encoding="utf-8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            os.path.dirname(__file__)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -160,7 +160,7 @@ def test_planners_write_divisible_buildable_plans_and_the_trainer_builds_logonet
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     for arch, cls in (("ulkanet", ULKANet), ("logonet", LoGoNet)):
-        with open(planned["plans"][arch]) as f:
+        with open(planned["plans"][arch], encoding="utf-8") as f:
             plans = json.load(f)
         assert os.path.basename(planned["plans"][arch]) == ARCHITECTURES.get(arch).plans_name + ".json"
         cfg = plans["configurations"]["3d_fullres"]
@@ -173,9 +173,9 @@ def test_planners_write_divisible_buildable_plans_and_the_trainer_builds_logonet
         with torch.no_grad():
             assert net(torch.zeros(1, 1, *patch)).shape == (1, 3, *patch)
 
-    with open(planned["plans"]["logonet"]) as f:
+    with open(planned["plans"]["logonet"], encoding="utf-8") as f:
         plans = json.load(f)
-    with open(os.path.join(planned["nnUNet_preprocessed"], DS, "dataset.json")) as f:
+    with open(os.path.join(planned["nnUNet_preprocessed"], DS, "dataset.json"), encoding="utf-8") as f:
         dataset_json = json.load(f)
     trainer = nnsslTrainer_LoGoNet({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json,
                                    device=torch.device("cpu"))

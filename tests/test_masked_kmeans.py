@@ -213,5 +213,5 @@ def test_checkpoint_transfers_encoder_and_decoder(pretrain_env, tmp_path):
     assert any(k.startswith("decoder.") for k in loaded) and not report.keys(SKIPPED_NOT_TRANSFERABLE)
     state = fresh.state_dict()
     assert all(torch.equal(state[k], ckpt["network_weights"][k]) for k in decoder if k in loaded)  # ... and injects them
-    with open(os.path.join(out, "training_log.txt")) as f:
+    with open(os.path.join(out, "training_log.txt"), encoding="utf-8") as f:
         assert "Gradient clipping off" in f.read()  # the paper clips nothing

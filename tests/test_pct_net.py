@@ -211,7 +211,7 @@ def test_planner_writes_buildable_plans(blob_dataset, monkeypatch):
     DatasetFingerprintExtractor("Dataset001_Blobs", num_processes=1).run()
     planner = PCTNetPlanner("Dataset001_Blobs", preset="tiny")
     planner.plan_experiment()
-    with open(planner.plans_file()) as f:
+    with open(planner.plans_file(), encoding="utf-8") as f:
         plans = json.load(f)
     assert os.path.basename(planner.plans_file()) == "nnsslPCTNetPlans.json"
     conf = plans["configurations"]["3d_fullres"]

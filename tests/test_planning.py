@@ -53,7 +53,7 @@ def planned(tmp_path_factory):
 
 
 def load_plans(pp_root, name):
-    with open(os.path.join(pp_root, DS, name + ".json")) as f:
+    with open(os.path.join(pp_root, DS, name + ".json"), encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -89,7 +89,7 @@ def stock_nnunet_env(tmp_path, ext_trainer_folder=None):
     if not real_torchvision_imports():
         fake = tmp_path / "fake_torchvision"
         (fake / "torchvision").mkdir(parents=True, exist_ok=True)
-        (fake / "torchvision" / "__init__.py").write_text(FAKE_TORCHVISION)
+        (fake / "torchvision" / "__init__.py").write_text(FAKE_TORCHVISION, encoding="utf-8")
         env["PYTHONPATH"] = os.pathsep.join([str(fake), *filter(None, [env.get("PYTHONPATH")])])
     env["nnUNet_extTrainer"] = ext_trainer_folder or nnssl_trainer_folder()
     return env
@@ -151,7 +151,7 @@ def test_output_folder_and_geometry(nnssl_prediction, inputs):
     assert sorted(result["predicted"]) == cases and result["skipped"] == []
     assert sorted(os.listdir(out)) == sorted([c + ".nii.gz" for c in cases] +
                                              ["dataset.json", "plans.json", "predict_from_raw_data_args.json"])
-    args = json.load(open(out / "predict_from_raw_data_args.json"))
+    args = json.load(open(out / "predict_from_raw_data_args.json", encoding="utf-8"))
     assert args["output_folder_or_list_of_truncated_output_files"] == str(out)
     assert args["list_of_lists_or_source_folder"] == str(inputs)
     for c in cases:

@@ -28,7 +28,7 @@ def write_unlabeled(raw_root, name, channel_files):
         for c, f in enumerate(files):
             shutil.copy(f, os.path.join(root, "imagesTr", f"u_{i:03d}_{c:04d}.nii.gz"))
     n_ch = len(channel_files[0])
-    with open(os.path.join(root, "dataset.json"), "w") as f:
+    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump({"channel_names": {str(c): "CT" for c in range(n_ch)}, "labels": {"background": 0},
                    "numTraining": len(channel_files), "file_ending": ".nii.gz", "nnssl_unlabeled": True}, f)
 
@@ -92,7 +92,7 @@ def test_pretraining_data_is_preprocessed_with_the_targets_plans(env, capsys):
     named = pretraining_data_folder(DS, DS, DATA)
     assert nnUNetDatasetBlosc2(named).identifiers == ["Ts__case_004"] + CASES
 
-    with open(os.path.join(unl, MANIFEST)) as f:
+    with open(os.path.join(unl, MANIFEST), encoding="utf-8") as f:
         manifest = json.load(f)
     assert {k: manifest[k] for k in ("target", "source", "plans_name", "configuration", "data_identifier",
                                      "num_cases", "num_expected")} == \
@@ -102,7 +102,7 @@ def test_pretraining_data_is_preprocessed_with_the_targets_plans(env, capsys):
 
     # nnU-Net's own training loader reads it (foreground oversampling falls back to random crops)
     pm = PlansManager(os.path.join(env, "nnUNetPlans.json"))
-    with open(os.path.join(env, "dataset.json")) as f:
+    with open(os.path.join(env, "dataset.json"), encoding="utf-8") as f:
         label_manager = pm.get_label_manager(json.load(f))
     patch = pm.get_configuration("3d_fullres").patch_size
     loader = nnUNetDataLoader(nnUNetDatasetBlosc2(unl), 2, patch, patch, label_manager,
@@ -150,7 +150,7 @@ def test_resume_redoes_only_missing_cases_and_cleans_stale_temporaries(env):
     os.remove(os.path.join(folder, "case_002.pkl"))  # renamed last: without it the case is unfinished
     for stale in (".tmp-deadbeef-case_001", ".tmp-cafebabe-gone"):  # killed runs; 'gone' is no case at all
         os.makedirs(os.path.join(folder, stale))
-        open(os.path.join(folder, stale, "case_001.b2nd"), "w").close()
+        open(os.path.join(folder, stale, "case_001.b2nd"), "w", encoding="utf-8").close()
 
     run()
     after = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)}
@@ -171,10 +171,10 @@ def test_resume_redoes_only_missing_cases_and_cleans_stale_temporaries(env):
 def test_data_from_other_plans_is_not_resumed(env):
     run(pretraining=["intask"])
     plans_file = os.path.join(env, "nnUNetPlans.json")
-    with open(plans_file) as f:
+    with open(plans_file, encoding="utf-8") as f:
         plans = json.load(f)
     plans["foreground_intensity_properties_per_channel"]["0"]["mean"] += 1.0
-    with open(plans_file, "w") as f:
+    with open(plans_file, "w", encoding="utf-8") as f:
         json.dump(plans, f)
     with pytest.raises(NnsslError, match="other plans.*foreground_intensity_properties_per_channel"):
         run(part=0, total_parts=1)

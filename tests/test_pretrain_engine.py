@@ -164,7 +164,7 @@ def test_cli_refuses_bad_set_values_before_writing_anything(pretrain_env, tmp_pa
 
 def test_set_values_reach_config_json_and_checkpoint(pretrain_env, tmp_path):
     out = run(tmp_path, "k2", iterations=1, overrides=["K=2", "lr=5e-4"])
-    with open(os.path.join(out, "config.json")) as f:
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     assert config["config"]["K"] == 2 and config["config"]["lr"] == 5e-4 and config["config"]["batch_size"] == 2
     ckpt = load_resume_checkpoint(os.path.join(out, "checkpoint_final.pth"))
@@ -263,7 +263,7 @@ def test_torchrun_two_processes_agree(pretrain_env, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    with open(out / "training_log.txt") as f:
+    with open(out / "training_log.txt", encoding="utf-8") as f:
         log = f.read().splitlines()
     line = next(li for li in log if "weights sha256 per rank" in li)
     hashes = re.findall(r"[0-9a-f]{64}", line)
@@ -273,7 +273,7 @@ def test_torchrun_two_processes_agree(pretrain_env, tmp_path):
     assert len(data) == 2 and data[0] != data[1]
     ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert weights_sha256(ckpt["network_weights"]) == hashes[0]
-    with open(out / "config.json") as f:
+    with open(out / "config.json", encoding="utf-8") as f:
         config = json.load(f)
     assert config["world_size"] == 2 and config["batch_size_per_process"] == 2
 
@@ -305,9 +305,9 @@ def test_grad_clip_is_a_config_field_read_by_the_engine_and_logged(pretrain_env,
     assert norms == []
     on = run(tmp_path, "on", iterations=2, overrides=["grad_clip=0.5"])
     assert norms == [0.5, 0.5]
-    with open(os.path.join(off, "training_log.txt")) as f:
+    with open(os.path.join(off, "training_log.txt"), encoding="utf-8") as f:
         assert "Gradient clipping off" in f.read()
-    with open(os.path.join(on, "training_log.txt")) as f:
+    with open(os.path.join(on, "training_log.txt"), encoding="utf-8") as f:
         assert "Gradient clipping on, max gradient norm 0.5" in f.read()
     with pytest.raises(NnsslError, match="grad_clip"):
         run(tmp_path, "bad", iterations=1, overrides=["grad_clip=-1"])

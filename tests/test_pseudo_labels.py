@@ -75,7 +75,7 @@ def test_build_writes_cache_with_consistent_labels(data_folder):
     path = pl.build_or_load_cache(folder, ids[::-1], seed=0, cfg=CFG, show_progress=False)
     assert os.path.dirname(path) == os.path.join(folder, pl.CACHE_DIR)
     labels = np.load(path)
-    with open(path[:-4] + ".json") as f:
+    with open(path[:-4] + ".json", encoding="utf-8") as f:
         index = json.load(f)
     depths = {k: v.shape[1] for k, v in vols.items()}
     assert labels.shape == (sum(depths.values()), 3) and labels.dtype == np.int16
@@ -206,7 +206,7 @@ def test_fit_reads_the_recorded_passes(data_folder, monkeypatch):
     monkeypatch.setattr(pl, "_load_volume", lambda ds, ident: loads.append(ident) or original_load(ds, ident))
     cfg = dataclasses.replace(CFG, fit_fraction=0.4, fit_epochs=6)
     path = pl.build_or_load_cache(folder, list(vols), seed=0, cfg=cfg, show_progress=False)
-    with open(path[:-4] + ".json") as f:
+    with open(path[:-4] + ".json", encoding="utf-8") as f:
         passes = json.load(f)["fit_passes"]
     assert len(passes) == 6 and all(len(set(p)) == 2 for p in passes)
     assert len({tuple(sorted(p)) for p in passes}) > 1  # not one subset for every pass

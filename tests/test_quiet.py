@@ -25,7 +25,7 @@ def test_details_go_to_the_log_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines() == ["Planning Dataset001_X for architecture 'plainconvunet'...",
                                 "2026-12-01 08:55:31.917850: train_loss 1.6182", "no newline at the end"]
-    text = open(log).read()
+    text = open(log, encoding="utf-8").read()
     for line in ["3D fullres U-Net configuration:", DUMP, *MODULE, "train_loss 1.6182", "no newline at the end"]:
         assert line in text
     assert text.startswith("\n===== ") and text.splitlines()[1].endswith(" t")
@@ -35,7 +35,7 @@ def test_verbose_shows_everything_and_still_logs(tmp_path, capsys):
     log = str(tmp_path / "details.log")
     with details_to_log(log, verbose=True):
         print(DUMP)
-    assert capsys.readouterr().out == DUMP + "\n" and DUMP in open(log).read()
+    assert capsys.readouterr().out == DUMP + "\n" and DUMP in open(log, encoding="utf-8").read()
     with details_to_log(None):  # no log: nothing is filtered
         print(DUMP)
     assert capsys.readouterr().out == DUMP + "\n"
@@ -50,7 +50,7 @@ def test_plan_and_preprocess_is_quiet_by_default(blob_dataset, capsys):
     assert "nnUNetPlans.json 3d_fullres: patch [" in out  # a one-line summary instead of the dictionaries
     log = os.path.join(os.environ["nnUNet_preprocessed"], "Dataset001_Blobs", "nnssl_plan_and_preprocess.log")
     assert f"details: {log} (--verbose" in out
-    assert "3D fullres U-Net configuration:" in open(log).read()
+    assert "3D fullres U-Net configuration:" in open(log, encoding="utf-8").read()
     with pytest.raises(SystemExit):
         plan_main(["-d", "1", "--preset", "tiny", "-np", "1", "--no_pp", "--no_pbar", "--verbose"])
     assert "3D fullres U-Net configuration:" in capsys.readouterr().out

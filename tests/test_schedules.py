@@ -103,7 +103,7 @@ def test_printed_schedule_is_the_applied_one(pretrain_env, tmp_path):
     history = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=True)["resume"]["loss_history"]
     applied = [h["lr"] for h in history]  # one step per epoch: the lr of every step
     assert applied == pytest.approx([1e-3] * 2 + [5e-4] * 2 + [2.5e-4] * 2 + [1.25e-4] * 2 + [6.25e-5] * 2)
-    lines = [ln for ln in open(os.path.join(out, "training_log.txt")) if "lr schedule (step):" in ln]
+    lines = [ln for ln in open(os.path.join(out, "training_log.txt"), encoding="utf-8") if "lr schedule (step):" in ln]
     assert len(lines) == 1
     printed = lines[0].split("lr schedule (step): ", 1)[1].strip()
     assert printed == format_lr_summary(summarize_lrs(applied))

@@ -94,9 +94,9 @@ def test_heads_shapes_and_what_trains():
     net, m = method()
     c = net.config.embed_dim * 8  # bottleneck width, grid 1^3 at 32^3
     assert m.recon_head.kernel_size == (32, 32, 32) and m.recon_head.stride == (32, 32, 32)
-    assert m.projector[0].in_features == c * 1  # flattened bottleneck (default)
-    _, pooled = method(patch=(64, 64, 64), byol_pool=True)
-    _, flat = method(patch=(64, 64, 64))
+    assert m.projector[0].in_features == c  # pooled bottleneck (default)
+    _, pooled = method(patch=(64, 64, 64))
+    _, flat = method(patch=(64, 64, 64), byol_pool=False)  # the authors' flattened bottleneck
     assert pooled.projector[0].in_features == c and flat.projector[0].in_features == c * 8  # 2^3 grid
     assert not any(p.requires_grad for p in m.target_encoder.parameters())
     assert SwinPretext.transfer == "encoder" and SwinPretext.requires == {"bottleneck"}
@@ -168,11 +168,14 @@ def test_bad_config_is_refused():
         SwinPretextConfig(cutout_min_boxes=0)
 
 
-def test_resume_is_bit_exact_with_the_ema_target(pretrain_env, tmp_path, monkeypatch):
+def test_resume_is_bit_exact_with_the_ema_target_and_warnings_reach_the_log(pretrain_env, tmp_path, monkeypatch):
     args = dict(dataset="Dataset001_Blobs", method="swin_pretext", architecture="plainconvunet", iterations=4,
                 iterations_per_epoch=2, batch_size=2, device="cpu", num_workers=0,
-                overrides=["byol_hidden=64", "byol_out=16", "rotation_hidden=16"])
+                overrides=["byol_hidden=64", "byol_out=16", "rotation_hidden=16",
+                           "collapse_warn_std=100"])  # every epoch "collapses": the warning path is exercised
     full = pretrain(**args, output_folder=str(tmp_path / "full"))
+    with open(os.path.join(full, "training_log.txt"), encoding="utf-8") as f:
+        assert f.read().count("WARNING swin_pretext: the BYOL projections are collapsing") == 2  # 2 epochs
     real, calls = SwinPretext.forward_loss, []
 
     def interrupted(self, network, batch):

@@ -139,7 +139,7 @@ def test_cli_writes_layout_and_resumes(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
-    settings = json.loads((out / "nnssl_synthetic.json").read_text())
+    settings = json.loads((out / "nnssl_synthetic.json").read_text(encoding="utf-8"))
     assert settings["shape"] == list(SMALL) and settings["unlabeled_fov_scale"] == 1.5
     files = sorted(p for p in out.rglob("*.nii.gz"))
     assert len(files) == 7 and not list(out.rglob(".tmp-*"))

@@ -145,13 +145,13 @@ def test_planner_records_the_patch_and_the_trainer_builds_unetr(pretrain_env):
     from nnssl.training.trainers.unetr import nnsslTrainer_UNETR
 
     folder = os.path.join(pretrain_env["nnUNet_preprocessed"], DS)
-    with open(os.path.join(folder, ARCHITECTURES.get("unetr").plans_name + ".json")) as f:
+    with open(os.path.join(folder, ARCHITECTURES.get("unetr").plans_name + ".json"), encoding="utf-8") as f:
         plans = json.load(f)
     cfg = plans["configurations"]["3d_fullres"]
     assert all(p % 16 == 0 and p >= 32 for p in cfg["patch_size"])  # tiny preset: at least 32 per axis
     assert cfg["architecture"]["arch_kwargs"]["img_size"] == cfg["patch_size"]
     assert cfg["architecture"]["arch_kwargs"]["hidden_size"] == TINY["hidden_size"]
-    with open(os.path.join(folder, "dataset.json")) as f:
+    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
         dataset_json = json.load(f)
     trainer = nnsslTrainer_UNETR({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json,
                                  device=torch.device("cpu"))

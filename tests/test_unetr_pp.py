@@ -146,9 +146,9 @@ def test_planner_fixes_the_patch_and_the_trainer_refuses_another(pretrain_env):
     from nnssl.training.trainers.unetr import nnsslTrainer_UNETRpp
 
     folder = os.path.join(pretrain_env["nnUNet_preprocessed"], DS)
-    with open(os.path.join(folder, ARCHITECTURES.get("unetr_pp").plans_name + ".json")) as f:
+    with open(os.path.join(folder, ARCHITECTURES.get("unetr_pp").plans_name + ".json"), encoding="utf-8") as f:
         plans = json.load(f)
-    with open(os.path.join(folder, "dataset.json")) as f:
+    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
         dataset_json = json.load(f)
     cfg = plans["configurations"]["3d_fullres"]
     assert cfg["architecture"]["arch_kwargs"]["img_size"] == cfg["patch_size"]

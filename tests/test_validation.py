@@ -17,14 +17,14 @@ def _case(root, case="case_001"):
 
 def _edit_json(root, **changes):
     p = os.path.join(root, "dataset.json")
-    with open(p) as f:
+    with open(p, encoding="utf-8") as f:
         dj = json.load(f)
     for k, v in changes.items():
         if v is None:
             dj.pop(k)
         else:
             dj[k] = v
-    with open(p, "w") as f:
+    with open(p, "w", encoding="utf-8") as f:
         json.dump(dj, f)
 
 
@@ -35,7 +35,7 @@ def test_valid_dataset_passes_and_lists_cases(blob_dataset):
 
 def test_missing_and_malformed_dataset_json(blob_dataset):
     p = os.path.join(blob_dataset, "dataset.json")
-    with open(p, "w") as f:
+    with open(p, "w", encoding="utf-8") as f:
         f.write('{"channel_names": {"0": "CT"},')
     with pytest.raises(NnsslError, match="not valid JSON"):
         V.validate_raw_dataset(blob_dataset, full=False)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from nnssl.architectures.blocks.conv import to_3tuple
-from nnssl.architectures.blocks.swin import PatchMerging, SwinBlock
+from nnssl.architectures.blocks.swin import PatchMerging, SwinBlock, init_transformer_weights
 from nnssl.architectures.blocks.swin_cross import PatchExpand, QTDecoderBlock
 from nnssl.architectures.spec import ArchitectureSpec, register_architecture
 from nnssl.architectures.ulkanet import config_from_kwargs
@@ -81,7 +81,8 @@ class QTUNetConfig:
         if len(self.depths) < 1 or min(self.depths) < 1 or self.bottleneck_depth < 1:
             problems.append(f"depths {self.depths} and bottleneck_depth {self.bottleneck_depth} must be >= 1")
         if len(self.heads) != len(self.depths) + 1:
-            problems.append(f"heads {self.heads} needs one entry per stage plus the bottleneck ({len(self.depths) + 1})")
+            problems.append(f"heads {self.heads} needs one entry per stage plus the bottleneck "
+                            f"({len(self.depths) + 1})")
         elif any(d % h for d, h in zip(self.dims, self.heads)):
             problems.append(f"stage widths {self.dims} (embed_dim x 2^i) must be divisible by heads {self.heads}")
         if self.embed_dim < 2 or self.embed_dim % 2:
@@ -238,16 +239,8 @@ class QTUNet(nn.Module):
         return (self.encoder.compute_conv_feature_map_size(patch_size)
                 + self.decoder.compute_conv_feature_map_size(patch_size))
 
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """Applied to every module by nnU-Net's get_network_from_plans (``net.apply``)."""
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    # Applied to every module by nnU-Net's get_network_from_plans (``net.apply``): Swin's initialization.
+    initialize = staticmethod(init_transformer_weights)
 
 
 for _v, _dim in EMBED_DIMS.items():

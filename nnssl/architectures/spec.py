@@ -27,7 +27,10 @@ architecture in :attr:`ArchitectureSpec.capabilities` and once per method in
 """
 import importlib
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, List, Sequence, Tuple
+
+import torch
+from torch import nn
 
 from nnssl.registry import Registry
 
@@ -88,3 +91,19 @@ def architecture_for_plans(plans_name: str) -> ArchitectureSpec:
     from nnssl.errors import NnsslError
     raise NnsslError(f"No nnssl architecture writes plans '{plans_name}'. Known: "
                      f"{', '.join(s.plans_name for _, s in ARCHITECTURES.items())}.")
+
+
+def probe_level_shapes(network: nn.Module, crop_size: Sequence[int], num_input_channels: int) -> List[Tuple[int, ...]]:
+    """[C_i, D_i, H_i, W_i] of every level of ``network.encoder`` for one zero crop; run without gradients in
+    eval mode (BatchNorm statistics untouched), the train/eval flag of every module restored afterwards."""
+    param = next(network.parameters())
+    modes = [(m, m.training) for m in network.modules()]
+    network.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros((1, int(num_input_channels), *crop_size), device=param.device, dtype=param.dtype)
+            features = network.encoder(x)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return [tuple(int(s) for s in f.shape[1:]) for f in features]

@@ -46,7 +46,7 @@ from torch import nn
 from nnssl.architectures.blocks.conv import to_3tuple
 from nnssl.architectures.blocks.epa import EPABlock
 from nnssl.architectures.blocks.res_conv import NORMS, ResConvBlock, conv, transposed_conv
-from nnssl.architectures.qt_unet import QTUNet
+from nnssl.architectures.blocks.swin import init_transformer_weights
 from nnssl.architectures.spec import ArchitectureSpec, register_architecture
 from nnssl.architectures.ulkanet import config_from_kwargs
 from nnssl.architectures.unetr import check_patch
@@ -221,7 +221,7 @@ class UNETRpp(nn.Module):
                 + self.decoder.compute_conv_feature_map_size(patch_size))
 
     # Applied by nnU-Net's get_network_from_plans: truncated normal linears, unit LayerNorms (see above).
-    initialize = staticmethod(QTUNet.initialize)
+    initialize = staticmethod(init_transformer_weights)
 
 
 def deep_supervision_scales(cfg: UNETRppConfig) -> List[List[float]]:

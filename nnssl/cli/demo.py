@@ -10,8 +10,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnssl_demo",
         description="Run nnssl end to end on synthetic BTCV-like data: generate, convert, plan and "
-                    "preprocess (labeled + unlabeled), Volume Fusion pretraining, fine-tuning from the "
-                    "checkpoint and from scratch, prediction, evaluation and a comparison report. Uses its "
+                    "preprocess (labeled + unlabeled), Volume Fusion pretraining (pretext.png), fine-tuning from the "
+                    "checkpoint and from scratch with the short-budget recipe (nnsslTrainer_Short), prediction, "
+                    "evaluation and a comparison report with learning curves (report.png). Uses its "
                     "own nnU-Net folders under -o; rerunning resumes where it stopped.")
     p.add_argument("-o", "--output", default="nnssl_demo",
                    help="folder for all demo data and results (default: ./nnssl_demo)")

@@ -61,7 +61,7 @@ class Run:
 
 def _read_json(path: str, what: str) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise NnsslError(f"Cannot read the {what} '{path}' ({e}); fix or regenerate it.")
@@ -191,7 +191,7 @@ def _write_csv(runs: Sequence[Run], path: str) -> None:
     cols = ["run", *RUN_FIELDS, "summary_file", "class", "class_name", "n_cases"]
     cols += [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n_nan")]
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(cols)
             for r in runs:
@@ -235,7 +235,7 @@ def compare_runs(result_folders: Sequence[str], output_prefix: str) -> dict:
     prefix = re.sub(r"\.(md|csv|png|svg)$", "", os.path.abspath(output_prefix))
     markdown = markdown_report(runs)
     with atomic_path(prefix + ".md") as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write("# nnssl comparison\n\n" + markdown)
     _write_csv(runs, prefix + ".csv")
     _write_figures(runs, prefix)

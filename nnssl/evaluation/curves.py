@@ -100,7 +100,7 @@ def _from_text_logs(paths: List[str]) -> dict:
     per_epoch: Dict[int, dict] = {}
     for path in paths:
         epoch = None
-        with open(path, errors="replace") as f:
+        with open(path, errors="replace", encoding="utf-8") as f:
             for line in f:
                 m = _LINE.match(line.rstrip("\n"))
                 if not m:
@@ -140,7 +140,7 @@ def _iterations_per_epoch(folder: str) -> int:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     value = get(json.load(f))
             except (OSError, ValueError, AttributeError):
                 value = None

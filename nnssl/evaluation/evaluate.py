@@ -50,7 +50,7 @@ def load_dataset_json(dataset_json_or_name) -> dict:
         dj, source = dataset_json_or_name, "the given dataset.json"
     elif str(dataset_json_or_name).endswith(".json") and os.path.isfile(str(dataset_json_or_name)):
         source = str(dataset_json_or_name)
-        with open(source) as f:
+        with open(source, encoding="utf-8") as f:
             dj = json.load(f)
     else:
         name = datasets.resolve(dataset_json_or_name, where=("raw", "preprocessed"))
@@ -59,7 +59,7 @@ def load_dataset_json(dataset_json_or_name) -> dict:
         if source is None:
             raise NnsslError(f"No dataset.json for {name} in {' or '.join(candidates)}. Convert the dataset "
                              f"again or pass the path of its dataset.json.")
-        with open(source) as f:
+        with open(source, encoding="utf-8") as f:
             dj = json.load(f)
     missing = [k for k in ("labels", "file_ending") if k not in dj]
     if missing:

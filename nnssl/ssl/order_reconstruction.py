@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnssl.architectures.spec import probe_level_shapes
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
 from nnssl.transforms.slab_shuffle import shuffle_and_mask
@@ -115,22 +116,6 @@ def parse_levels(spec: str) -> Optional[List[int]]:
         raise NnsslError(f"order_reconstruction: order_levels={spec!r} must be 'all' or comma-separated encoder level "
                          f"indices (0 = highest resolution, -1 = bottleneck); e.g. --set order_levels=all.")
     return levels
-
-
-def probe_level_shapes(network: nn.Module, crop_size: Sequence[int], num_input_channels: int) -> List[Tuple[int, ...]]:
-    """[C_i, D_i, H_i, W_i] of every level of ``network.encoder`` for one zero crop; run without gradients in
-    eval mode (BatchNorm statistics untouched), the train/eval flag of every module restored afterwards."""
-    param = next(network.parameters())
-    modes = [(m, m.training) for m in network.modules()]
-    network.eval()
-    try:
-        with torch.no_grad():
-            x = torch.zeros((1, int(num_input_channels), *crop_size), device=param.device, dtype=param.dtype)
-            features = network.encoder(x)
-    finally:
-        for m, training in modes:
-            m.training = training
-    return [tuple(int(s) for s in f.shape[1:]) for f in features]
 
 
 def slab_layout(depths: Sequence[int], crop_depth: int, slab_level: Optional[int],

@@ -239,7 +239,7 @@ def open_cache(labels_path: str) -> Tuple[np.ndarray, dict]:
         if not (os.path.isfile(labels_path) and os.path.isfile(index_path)):
             raise NnsslError(f"masked_kmeans: the pseudo-label cache {labels_path} (or its .json index) is missing; "
                              f"it is rebuilt when pretraining starts -- rerun nnssl_pretrain.")
-        with open(index_path) as f:
+        with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         _OPEN[labels_path] = (np.load(labels_path, mmap_mode="r"), index)
     return _OPEN[labels_path]

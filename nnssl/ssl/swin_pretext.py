@@ -17,9 +17,12 @@ Loss = the three terms, weights 1. Only the encoder transfers. The EMA target is
 the method, so it is in the method's ``state_dict`` and ``--c`` resumes it bit-exactly.
 
 Assumptions (each a config field):
-- ``byol_pool`` = False: the projector reads the flattened bottleneck, as the authors (≈ 85 M
-  projector parameters for QT-UNet-B at 96³: 768·3³ inputs x 4096); True pools it first (768 x
-  4096), which does not grow with the patch.
+- ``byol_pool`` = True: the projector reads the globally average-pooled bottleneck, as the BYOL
+  of PyTorch Lightning Bolts the paper builds on (pooled encoder features): 768 x 4096 inputs for
+  QT-UNet-B, the same at any patch. The authors' code flattens the bottleneck instead
+  (``--set byol_pool=false``): 768·3³ x 4096 ≈ 85 M projector parameters for B at 96³, plus its
+  EMA copy and Adam state (1.7 GB; ``benchmarks/bench_qt_unet.py``), growing with the patch
+  (≈ 200 M at 128³) and tying the weights to one patch size.
 - ``recon_target`` = "original": the un-augmented, un-rotated crop (the paper's wording);
   "rotated" reconstructs each view's rotated crop without the cutouts (Swin-UNETR's code).
 - The rotation head pools the bottleneck (global average) and has ``rotation_hidden`` = 512.
@@ -48,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnssl.architectures.spec import probe_level_shapes
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
-from nnssl.ssl.order_reconstruction import probe_level_shapes
 from nnssl.transforms.rotation_cutout import (N_ROTATIONS, apply_cutouts, box_mask, draw_cutouts, draw_rotation,
                                               rotate)
 
@@ -76,7 +79,7 @@ class SwinPretextConfig:
     rotation_hidden: int = 512  # Assumption
     byol_hidden: int = 4096
     byol_out: int = 256
-    byol_pool: bool = False  # Assumption: the authors flatten the bottleneck
+    byol_pool: bool = True  # Assumption: pooled (Bolts' BYOL); False = flattened, as the authors' code
     tau_base: float = 0.996
     weight_recon: float = 1.0
     weight_rotation: float = 1.0
@@ -196,8 +199,8 @@ class SwinPretext(SSLMethod):
         a, b = cfg.rotation_plane
         if len(size) == 3 and size[a] != size[b]:
             if not cfg.square_crop:
-                raise NnsslError(f"swin_pretext rotates by 90 degrees in spatial axes {cfg.rotation_plane}, which needs "
-                                 f"equal sizes there, but the planned patch is {tuple(size)}. Drop "
+                raise NnsslError(f"swin_pretext rotates by 90 degrees in spatial axes {cfg.rotation_plane}, which "
+                                 f"needs equal sizes there, but the planned patch is {tuple(size)}. Drop "
                                  f"--set square_crop=false (crops are then cut to the smaller side).")
             size[a] = size[b] = min(size[a], size[b])
         return tuple(size)
@@ -207,7 +210,8 @@ class SwinPretext(SSLMethod):
                    meta: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         """images: [B, C, D, H, W] float32 normalized crops -> {"views", "rotations", "target"} (meta unused)."""
         views, ks, _, targets = make_views(cfg, images, rng)
-        return {"views": torch.from_numpy(views), "rotations": torch.from_numpy(ks), "target": torch.from_numpy(targets)}
+        return {"views": torch.from_numpy(views), "rotations": torch.from_numpy(ks),
+                "target": torch.from_numpy(targets)}
 
     @classmethod
     def preview(cls, cfg: SwinPretextConfig, batch: Dict[str, torch.Tensor]) -> List[Tuple[str, np.ndarray]]:

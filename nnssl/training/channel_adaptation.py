@@ -14,7 +14,18 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from nnssl.planning.like import check_channels_adaptable
+from nnssl.errors import NnsslError
+
+
+def check_channels_adaptable(checkpoint_channels: int, target_channels: int, what: str) -> None:
+    """Refuse a target whose channel count cannot be reached from the checkpoint's by repetition."""
+    if target_channels < checkpoint_channels or target_channels % checkpoint_channels:
+        raise NnsslError(
+            f"{what} has {target_channels} input channel(s) but the checkpoint was pretrained with "
+            f"{checkpoint_channels}. nnssl adapts a checkpoint to more channels by repeating its stem weights "
+            f"(the target's channel count must be a multiple of the checkpoint's); fewer channels would drop "
+            f"pretrained inputs. Use a checkpoint pretrained with {target_channels} channel(s) or fewer that "
+            f"divide it.")
 
 
 def adapt_input_channels(weights: Dict[str, torch.Tensor], network_state: Dict[str, torch.Tensor],

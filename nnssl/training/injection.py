@@ -14,8 +14,8 @@ Tensors are counted once: nnU-Net's networks reach the same module under several
 ``named_parameters()`` lists each tensor under its first name only.
 
 Before anything is copied, :func:`nnssl.checkpoints.load_pretraining_checkpoint` refuses a
-checkpoint whose network class, ``arch_kwargs`` or input channels differ from the fine-tuning
-plans. The comparison of ``arch_kwargs`` is exact: nnssl's planner writes the same kwargs for
+checkpoint whose network class or ``arch_kwargs`` differ from the fine-tuning plans (input
+channels may grow: the stem weights are adapted by ``nnssl.training.channel_adaptation``). The comparison of ``arch_kwargs`` is exact: nnssl's planner writes the same kwargs for
 the same target dataset, architecture and preset, so pretraining and fine-tuning with the same
 plans always match; a checkpoint pretrained under other plans (another patch size that changed
 the number of stages, another preset) is refused rather than half loaded.
@@ -26,7 +26,6 @@ normalization and its intensity statistics, ``transpose_forward``) is refused wi
 differences, unless ``allow_plans_mismatch`` (``nnssl_train --allow_plans_mismatch``) is set;
 harmless differences (plans name, patch size, ...) are reported in the log and in the JSON report.
 """
-import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from torch import nn
 from nnssl.checkpoints import compare_plans, is_output_head, load_pretraining_checkpoint, plans_facts, unwrap_network
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
+from nnssl.sharing import checkpoint_sha256
+from nnssl.training.channel_adaptation import adapt_input_channels
 from nnssl.ssl.base import TRANSFERS
 REPORT_FILE = "nnssl_pretrained.json"
 
@@ -156,14 +157,6 @@ def transfer_weights(network: nn.Module, weights: Dict[str, torch.Tensor], trans
     return report
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_plans(ckpt: dict, checkpoint_path: str, plans_manager, configuration: str,
                 allow_plans_mismatch: bool = False):
     """Compare the checkpoint's plans with the fine-tuning plans; NnsslError on a refused difference
@@ -191,12 +184,14 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
     if not trainer.was_initialized:
         raise RuntimeError("inject_pretrained needs an initialized trainer (call trainer.initialize() first)")
     cm = trainer.configuration_manager
+    # Input channels are not compared here: more channels than the pretraining are adapted below.
     ckpt = load_pretraining_checkpoint(checkpoint_path, expected_architecture_class=cm.network_arch_class_name,
-                                       expected_arch_kwargs=cm.network_arch_init_kwargs,
-                                       expected_input_channels=trainer.num_input_channels)
+                                       expected_arch_kwargs=cm.network_arch_init_kwargs)
     plans = check_plans(ckpt, checkpoint_path, trainer.plans_manager, trainer.configuration_name,
                         allow_plans_mismatch)
-    report = transfer_weights(trainer.network, ckpt["network_weights"], ckpt["transfer"])
+    weights, adapted = adapt_input_channels(ckpt["network_weights"], unwrap_network(trainer.network).state_dict(),
+                                            int(ckpt["input_channels"]), int(trainer.num_input_channels))
+    report = transfer_weights(trainer.network, weights, ckpt["transfer"])
     if report.n_loaded == 0:
         raise NnsslError(f"No tensor of checkpoint {checkpoint_path} matches the fine-tuning network by name and "
                          f"shape, so fine-tuning would start from scratch. Check that it was pretrained with the "
@@ -204,13 +199,18 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
     method = ckpt["method"].get("name")
     trainer.print_to_log_file(f"nnssl: pretrained weights from {checkpoint_path} (method {method}, iteration "
                               f"{ckpt['iteration']})\n" + report.format())
+    if adapted:
+        trainer.print_to_log_file(
+            f"nnssl: input channels adapted from {ckpt['input_channels']} (pretraining) to {trainer.num_input_channels}: "
+            f"{len(adapted)} stem tensor(s) repeated over the channels and divided by "
+            f"{trainer.num_input_channels // int(ckpt['input_channels'])} ({', '.join(adapted)})")
     for line in plans.refused:
         trainer.print_to_log_file(f"nnssl: WARNING plans differ (allowed by --allow_plans_mismatch): {line}")
     for line in plans.harmless:
         trainer.print_to_log_file(f"nnssl: plans differ (harmless): {line}")
     write_json({
         "checkpoint": os.path.abspath(checkpoint_path),
-        "sha256": sha256_of(checkpoint_path),
+        "sha256": checkpoint_sha256(checkpoint_path),
         "method": method,
         "method_config": ckpt["method"].get("config"),
         "iteration": ckpt["iteration"],
@@ -219,5 +219,7 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
         "plans_name": ckpt["plans_name"],
         "plans_differences": {**plans.to_dict(), "allowed": bool(plans.refused)},
         "report": report.to_dict(),
+        "input_channels_adapted": {"from": int(ckpt["input_channels"]), "to": int(trainer.num_input_channels),
+                                   "tensors": adapted},
     }, os.path.join(trainer.output_folder, REPORT_FILE))
     return report

@@ -124,7 +124,7 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
         raise NnsslError(f"Configuration '{configuration}' is not in {plans_file}; choose one of "
                          f"{', '.join(pm.available_configurations)} (-c).")
     cm = pm.get_configuration(configuration)
-    with open(os.path.join(paths.preprocessed(), target, "dataset.json")) as f:
+    with open(os.path.join(paths.preprocessed(), target, "dataset.json"), encoding="utf-8") as f:
         input_channels = determine_num_input_channels(pm, cm, json.load(f))
 
     cfg = apply_overrides(method_cls.config_class(), overrides)

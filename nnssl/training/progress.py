@@ -39,7 +39,7 @@ class ProgressLog:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}"
         print(line, file=sys.stderr)
-        with open(os.path.join(self.folder, LOG_NAME), "a") as f:
+        with open(os.path.join(self.folder, LOG_NAME), "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     def epoch(self, record: Dict, history: List[Dict], final: bool = False, schedule=None) -> None:

@@ -45,10 +45,10 @@ from typing import Dict, List
 
 import torch
 
+from nnssl.checkpoints import is_output_head
 from nnssl.training.schedules import LRSchedule
 from nnssl.training.trainers.base import nnsslTrainer, register_trainer, unwrap_network
 
-HEAD_PART = ".seg_layers."
 GROUPS = ("encoder", "decoder", "heads")
 
 
@@ -76,7 +76,7 @@ def parameter_groups(network: torch.nn.Module) -> Dict[str, List[torch.nn.Parame
     """
     groups = {g: [] for g in GROUPS}
     for name, p in unwrap_network(network).named_parameters():
-        if HEAD_PART in name or name.startswith("decoder.seg_layers."):
+        if is_output_head(name):
             groups["heads"].append(p)
         elif name.startswith("encoder."):
             groups["encoder"].append(p)

@@ -43,7 +43,7 @@ from torch import nn
 from nnssl.architectures.blocks.conv import to_3tuple
 from nnssl.architectures.blocks.swin import PatchMerging, SwinBlock, init_transformer_weights
 from nnssl.architectures.blocks.swin_cross import PatchExpand, QTDecoderBlock
-from nnssl.architectures.spec import ArchitectureSpec, register_architecture
+from nnssl.architectures.spec import EncoderDecoderNetwork, ArchitectureSpec, register_architecture
 from nnssl.architectures.ulkanet import config_from_kwargs
 from nnssl.errors import NnsslError
 
@@ -221,23 +221,19 @@ class QTUNetDecoder(nn.Module):
         return total + full * (2 * self.cfg.embed_dim + self.num_classes)  # final expand + norm, logits
 
 
-class QTUNet(nn.Module):
+class QTUNet(EncoderDecoderNetwork):
     """QT-UNet. x: [B, C_in, D, H, W] (every axis divisible by ``config.divisor`` = 32) ->
-    [B, num_classes, D, H, W]."""
+    [B, num_classes, D, H, W].
+
+    Memory estimate (``compute_conv_feature_map_size``): stored activation elements for one sample, counted
+    from the token grids (nnU-Net's VRAM proxy).
+    """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs):
         super().__init__()
         self.config = config_from_kwargs(QTUNetConfig, arch_kwargs, "QT-UNet")
         self.encoder = QTUNetEncoder(input_channels, self.config)
         self.decoder = QTUNetDecoder(self.config, num_classes, deep_supervision)
-
-    def forward(self, x: torch.Tensor):
-        return self.decoder(self.encoder(x))
-
-    def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
-        """Stored activation elements for one sample, counted from the token grids (nnU-Net's VRAM proxy)."""
-        return (self.encoder.compute_conv_feature_map_size(patch_size)
-                + self.decoder.compute_conv_feature_map_size(patch_size))
 
     # Applied to every module by nnU-Net's get_network_from_plans (``net.apply``): Swin's initialization.
     initialize = staticmethod(init_transformer_weights)

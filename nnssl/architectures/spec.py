@@ -70,6 +70,19 @@ class ArchitectureSpec:
         return getattr(importlib.import_module(module), cls)
 
 
+class EncoderDecoderNetwork(nn.Module):
+    """The network contract as a base class: ``forward(x) = decoder(encoder(x))`` and nnU-Net's
+    memory proxy ``compute_conv_feature_map_size`` = the encoder's + the decoder's. A subclass only
+    sets ``self.encoder`` and ``self.decoder`` (each with its own ``compute_conv_feature_map_size``)."""
+
+    def forward(self, x: torch.Tensor):
+        return self.decoder(self.encoder(x))
+
+    def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
+        return (self.encoder.compute_conv_feature_map_size(patch_size)
+                + self.decoder.compute_conv_feature_map_size(patch_size))
+
+
 ARCHITECTURES: Registry[ArchitectureSpec] = Registry("architecture", "-a")
 
 

@@ -45,7 +45,7 @@ from nnssl.architectures.blocks.conv import to_3tuple
 from nnssl.architectures.blocks.res_conv import NORMS, ResConvBlock, UpCatBlock
 from nnssl.architectures.blocks.swin import PatchMerging, SwinBlock, WindowAttention, relative_position_index
 from nnssl.architectures.monai_keys import from_monai
-from nnssl.architectures.spec import DEFAULT_CAPABILITIES, ArchitectureSpec, register_architecture
+from nnssl.architectures.spec import EncoderDecoderNetwork, DEFAULT_CAPABILITIES, ArchitectureSpec, register_architecture
 from nnssl.architectures.ulkanet import check_divisible, config_from_kwargs
 from nnssl.errors import NnsslError
 
@@ -293,9 +293,13 @@ class SwinUNETRDecoder(nn.Module):
         return total
 
 
-class SwinUNETR(nn.Module):
+class SwinUNETR(EncoderDecoderNetwork):
     """SwinUNETR. x: [B, C_in, D, H, W] (each axis a multiple of 32) -> [B, num_classes, D, H, W]
-    (a one-element list of it with deep supervision)."""
+    (a one-element list of it with deep supervision).
+
+    Memory estimate (``compute_conv_feature_map_size``): elements per sample of the conv outputs, Swin
+    activations and attention maps (nnU-Net's VRAM proxy).
+    """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs):
         super().__init__()
@@ -305,12 +309,7 @@ class SwinUNETR(nn.Module):
 
     def forward(self, x: torch.Tensor):
         check_divisible(x.shape[2:], TOTAL_STRIDE, "SwinUNETR")
-        return self.decoder(self.encoder(x))
-
-    def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
-        """Elements per sample of the conv outputs, Swin activations and attention maps (nnU-Net's VRAM proxy)."""
-        return (self.encoder.compute_conv_feature_map_size(patch_size)
-                + self.decoder.compute_conv_feature_map_size(patch_size))
+        return super().forward(x)
 
 
 def load_monai_state_dict(network: SwinUNETR, state_dict: dict, strict: bool = True):

@@ -46,7 +46,7 @@ from torch import nn
 
 from nnssl.architectures.blocks.res_conv import NORMS, ResConvBlock, UpCatBlock, transposed_conv
 from nnssl.architectures.monai_keys import from_monai
-from nnssl.architectures.spec import ArchitectureSpec, register_architecture
+from nnssl.architectures.spec import EncoderDecoderNetwork, ArchitectureSpec, register_architecture
 from nnssl.architectures.ulkanet import config_from_kwargs
 from nnssl.errors import NnsslError
 
@@ -286,22 +286,18 @@ class UNETRDecoder(nn.Module):
         return total + _elements(self.num_classes, patch_size)
 
 
-class UNETR(nn.Module):
-    """UNETR. x: [B, C_in, *img_size] -> [B, num_classes, *img_size]."""
+class UNETR(EncoderDecoderNetwork):
+    """UNETR. x: [B, C_in, *img_size] -> [B, num_classes, *img_size].
+
+    Memory estimate (``compute_conv_feature_map_size``): elements per sample of the token maps, attention
+    matrices and conv outputs (nnU-Net's VRAM proxy).
+    """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs):
         super().__init__()
         self.config = config_from_kwargs(UNETRConfig, arch_kwargs, "UNETR")
         self.encoder = UNETREncoder(input_channels, self.config)
         self.decoder = UNETRDecoder(self.config, num_classes, deep_supervision)
-
-    def forward(self, x: torch.Tensor):
-        return self.decoder(self.encoder(x))
-
-    def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
-        """Elements per sample of the token maps, attention matrices and conv outputs (nnU-Net's VRAM proxy)."""
-        return (self.encoder.compute_conv_feature_map_size(patch_size)
-                + self.decoder.compute_conv_feature_map_size(patch_size))
 
 
 def load_monai_state_dict(network: UNETR, state_dict: dict, strict: bool = True):

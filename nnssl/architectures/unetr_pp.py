@@ -47,7 +47,7 @@ from nnssl.architectures.blocks.conv import to_3tuple
 from nnssl.architectures.blocks.epa import EPABlock
 from nnssl.architectures.blocks.res_conv import NORMS, ResConvBlock, conv, transposed_conv
 from nnssl.architectures.blocks.swin import init_transformer_weights
-from nnssl.architectures.spec import ArchitectureSpec, register_architecture
+from nnssl.architectures.spec import EncoderDecoderNetwork, ArchitectureSpec, register_architecture
 from nnssl.architectures.ulkanet import config_from_kwargs
 from nnssl.architectures.unetr import check_patch
 from nnssl.errors import NnsslError
@@ -203,22 +203,18 @@ class UNETRppDecoder(nn.Module):
         return total + _elements(self.num_classes, patch_size)
 
 
-class UNETRpp(nn.Module):
-    """UNETR++. x: [B, C_in, *img_size] -> [B, num_classes, *img_size] (a list of 3 with deep supervision)."""
+class UNETRpp(EncoderDecoderNetwork):
+    """UNETR++. x: [B, C_in, *img_size] -> [B, num_classes, *img_size] (a list of 3 with deep supervision).
+
+    Memory estimate (``compute_conv_feature_map_size``): elements per sample of token maps, attention matrices
+    and conv outputs (nnU-Net's VRAM proxy).
+    """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs):
         super().__init__()
         self.config = config_from_kwargs(UNETRppConfig, arch_kwargs, "UNETR++")
         self.encoder = UNETRppEncoder(input_channels, self.config)
         self.decoder = UNETRppDecoder(self.config, num_classes, deep_supervision)
-
-    def forward(self, x: torch.Tensor):
-        return self.decoder(self.encoder(x))
-
-    def compute_conv_feature_map_size(self, patch_size: Sequence[int]) -> int:
-        """Elements per sample of token maps, attention matrices and conv outputs (nnU-Net's VRAM proxy)."""
-        return (self.encoder.compute_conv_feature_map_size(patch_size)
-                + self.decoder.compute_conv_feature_map_size(patch_size))
 
     # Applied by nnU-Net's get_network_from_plans: truncated normal linears, unit LayerNorms (see above).
     initialize = staticmethod(init_transformer_weights)

@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from nnssl.devices import cpu_autocast_dtype
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 
@@ -87,6 +88,8 @@ class BenchmarkSettings:
         recipe = getattr(find_trainer_class(self.trainer), "recipe", None)
         if dataclasses.is_dataclass(recipe):
             d["trainer_recipe"] = dataclasses.asdict(recipe)
+        # fine-tuning runs on the CPU; bf16 and float32 runs must not mix either (--cpu_precision auto)
+        d["cpu_autocast"] = str(cpu_autocast_dtype("auto", torch.device("cpu")) or "float32")
         return json.loads(json.dumps(d))
 
 

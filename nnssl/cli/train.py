@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of differences")
     p.add_argument("-device", default=None, choices=["cpu", "cuda"],
                    help="device (default: cuda when available, else cpu)")
+    p.add_argument("--cpu_precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="on -device cpu: 'auto' (default) trains with bf16 autocast when the CPU has native bf16 "
+                        "(AMX / AVX512-BF16; ~2.7x faster forward+backward) and in float32 otherwise; 'fp32' "
+                        "always float32 (nnU-Net's CPU behaviour). nnssl trainers only")
     p.add_argument("--c", dest="continue_training", action="store_true",
                    help="continue from the fold's latest checkpoint; options not given again are taken from "
                         "the interrupted run")
@@ -56,7 +60,7 @@ def _run(a: argparse.Namespace):
     out = train(a.dataset, a.configuration, a.fold, architecture=a.architecture, trainer=a.trainer, plans=a.plans,
                 pretrained=a.pretrained, epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
                 val_iterations=a.val_iterations, warmup_epochs=a.warmup_epochs,
-                freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device,
+                freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device, cpu_precision=a.cpu_precision,
                 continue_training=a.continue_training, npz=a.npz, validation_only=a.validation_only,
                 allow_plans_mismatch=a.allow_plans_mismatch)
     print(f"nnssl_train: results in {out['output_folder']}")

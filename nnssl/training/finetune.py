@@ -21,7 +21,7 @@ import torch
 
 from nnssl import paths
 from nnssl.datasets import resolve
-from nnssl.devices import resolve_device
+from nnssl.devices import CPU_PRECISIONS, cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 
@@ -37,6 +37,7 @@ class RunOptions:
     val_iterations: Optional[int] = None
     warmup_epochs: Optional[int] = None
     freeze_encoder_epochs: Optional[int] = None
+    cpu_precision: Optional[str] = None  # None = "auto" (nnssl.devices.cpu_autocast_dtype)
 
     def merged_over(self, saved: dict) -> "RunOptions":
         return RunOptions(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None
@@ -148,6 +149,20 @@ def apply_run_options(trainer, opts: RunOptions) -> None:
                              f"(nnsslTrainer = nnU-Net's defaults plus these options).")
         trainer.nnssl_warmup_epochs = int(opts.warmup_epochs or 0)
         trainer.nnssl_freeze_encoder_epochs = int(opts.freeze_encoder_epochs or 0)
+    set_cpu_precision(trainer, opts.cpu_precision or "auto")
+
+
+def set_cpu_precision(trainer, precision: str = "auto") -> None:
+    """CPU mixed precision of an nnssl trainer (``--cpu_precision``); other trainers keep nnU-Net's
+    float32 on the CPU ("auto") or are refused ("bf16")."""
+    from nnssl.training.trainers.base import FinetuneOptionsMixin
+
+    dtype = cpu_autocast_dtype(precision, trainer.device)
+    if isinstance(trainer, FinetuneOptionsMixin):
+        trainer.nnssl_cpu_autocast = dtype
+    elif precision == "bf16" and dtype is not None:
+        raise NnsslError(f"--cpu_precision bf16 needs an nnssl trainer; {type(trainer).__name__} is not one "
+                         f"(use -tr nnsslTrainer for nnU-Net's recipe, or --cpu_precision fp32).")
 
 
 @dataclass
@@ -161,7 +176,8 @@ class TrainingRun:
 
 def build_trainer(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                   architecture: Optional[str] = None, trainer: Optional[str] = None, plans: Optional[str] = None,
-                  device: Optional[str] = None, continue_training: bool = False) -> TrainingRun:
+                  device: Optional[str] = None, continue_training: bool = False,
+                  cpu_precision: str = "auto") -> TrainingRun:
     """Validate the inputs and construct the trainer the way nnUNetv2_train does (no training yet)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnssl.training.trainer_lookup import find_trainer_class
@@ -179,6 +195,7 @@ def build_trainer(dataset, configuration: str = "3d_fullres", fold: Union[int, s
     tr = trainer_cls(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json, device=dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    set_cpu_precision(tr, cpu_precision)
     return TrainingRun(tr, ds, plans_name, fold_dir)
 
 
@@ -187,7 +204,8 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
           epochs: Optional[int] = None, iterations_per_epoch: Optional[int] = None,
           val_iterations: Optional[int] = None, warmup_epochs: Optional[int] = None,
           freeze_encoder_epochs: Optional[int] = None, device: Optional[str] = None,
-          continue_training: bool = False, npz: bool = False, validation_only: bool = False,
+          cpu_precision: Optional[str] = None, continue_training: bool = False, npz: bool = False,
+          validation_only: bool = False,
           allow_plans_mismatch: bool = False, final_validation: bool = True) -> dict:
     """Train (or fine-tune with ``pretrained``) one fold; returns the fold folder and the injection report.
 
@@ -203,6 +221,8 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                        ("--val_iterations", val_iterations, 1), ("--warmup_epochs", warmup_epochs, 0),
                        ("--freeze_encoder_epochs", freeze_encoder_epochs, 0)):
         _positive(flag, v, m)
+    if cpu_precision is not None and cpu_precision not in CPU_PRECISIONS:
+        raise NnsslError(f"--cpu_precision '{cpu_precision}' is not one of {', '.join(CPU_PRECISIONS)}.")
     if continue_training and pretrained:
         raise NnsslError("--c continues a fine-tuning that already started from its own checkpoint; -pretrained "
                          "only applies to a fresh start. Drop one of the two.")
@@ -228,7 +248,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     saved_file = os.path.join(run.fold_dir, OPTIONS_FILE)
     saved = load_json(saved_file) if resume_from is not None and os.path.isfile(saved_file) else {}
     opts = RunOptions(epochs, iterations_per_epoch, val_iterations, warmup_epochs,
-                      freeze_encoder_epochs).merged_over(saved.get("options", {}))
+                      freeze_encoder_epochs, cpu_precision).merged_over(saved.get("options", {}))
     apply_run_options(tr, opts)
 
     report = None

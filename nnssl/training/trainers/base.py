@@ -20,8 +20,14 @@ attributes after construction and before ``initialize()``:
   wrapping breaks it; so the encoder's gradients are still computed and all-reduced while frozen,
   and nnU-Net's gradient clipping (before the step) sees them in its total norm. BatchNorm running
   statistics in the encoder still update while frozen (the network stays in train mode, as
-  nnU-Net runs it). Works for every architecture: it only needs ``network.encoder``.
+  nnU-Net runs it). Works for every architecture: it only needs ``network.encoder``;
+- ``nnssl_cpu_autocast``: on the CPU, training and validation steps run under ``torch.autocast``
+  with this dtype (bf16; set from ``--cpu_precision`` by ``nnssl.devices.cpu_autocast_dtype``),
+  the CPU counterpart of the fp16 AMP nnU-Net uses on CUDA. The network's outputs are cast back
+  to float32 (a forward hook), so the loss, the pseudo Dice and everything after the network are
+  computed in float32; weights, optimizer state and checkpoints stay float32.
 """
+import contextlib
 import math
 from typing import List, Optional
 
@@ -112,6 +118,7 @@ class FinetuneOptionsMixin:
 
     nnssl_warmup_epochs: int = 0
     nnssl_freeze_encoder_epochs: int = 0
+    nnssl_cpu_autocast: Optional[torch.dtype] = None
     _nnssl_encoder_frozen: Optional[bool] = None
 
     def initialize(self):
@@ -128,6 +135,26 @@ class FinetuneOptionsMixin:
                                + format_lr_summary(summarize_lrs(epoch_lrs(self)), "epoch"))
         if self.nnssl_freeze_encoder_epochs > 0:
             self._nnssl_install_encoder_freeze()
+        if self._nnssl_autocast_on():
+            self.network.register_forward_hook(_outputs_to_float32)
+            self.print_to_log_file(f"nnssl: CPU mixed precision, {self.nnssl_cpu_autocast} autocast in the training "
+                                   f"and validation steps (--cpu_precision fp32 turns it off)")
+
+    def _nnssl_autocast_on(self) -> bool:
+        return self.nnssl_cpu_autocast is not None and self.device.type == "cpu"
+
+    def _nnssl_autocast(self):
+        if not self._nnssl_autocast_on():
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.nnssl_cpu_autocast)
+
+    def train_step(self, batch: dict) -> dict:
+        with self._nnssl_autocast():
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._nnssl_autocast():
+            return super().validation_step(batch)
 
     def on_train_epoch_start(self):
         if self.nnssl_freeze_encoder_epochs > 0:
@@ -150,6 +177,13 @@ class FinetuneOptionsMixin:
         if self._nnssl_encoder_frozen:
             for p in unwrap_network(self.network).encoder.parameters():
                 p.grad = None
+
+
+def _outputs_to_float32(module, args, output):
+    """Forward hook: the network's output (a tensor or nnU-Net's deep-supervision list) as float32."""
+    if isinstance(output, (list, tuple)):
+        return type(output)(o.float() for o in output)
+    return output.float()
 
 
 @register_trainer

@@ -1,6 +1,8 @@
 """--cpu_precision: which dtype each choice gives, and what an nnssl trainer step does under CPU bf16.
 
 Data: conftest's ``pretrain_tree`` (tiny Blobs dataset, plainconvunet planned)."""
+import os
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_trainer_steps_in_bf16_with_float32_outputs_weights_and_loss(pretrain_en
 
 
 def test_bf16_refused_for_a_trainer_without_nnssl_options(pretrain_env):
+    from nnssl.training.finetune import train
+    with pytest.raises(NnsslError, match="--cpu_precision bf16 needs an nnssl trainer; nnUNetTrainer"):
+        train(DS, "3d_fullres", "all", trainer="nnUNetTrainer", device="cpu", cpu_precision="bf16", epochs=1)
+    assert not os.listdir(pretrain_env["nnUNet_results"])  # refused before nnU-Net created a fold folder
     with pytest.raises(NnsslError, match="--cpu_precision bf16 needs an nnssl trainer; nnUNetTrainer"):
         build_trainer(DS, "3d_fullres", "all", trainer="nnUNetTrainer", device="cpu", cpu_precision="bf16")
     tr = build_trainer(DS, "3d_fullres", "all", trainer="nnUNetTrainer", device="cpu").trainer  # auto: float32

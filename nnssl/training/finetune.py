@@ -234,6 +234,12 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     # Checked before the trainer exists: constructing it creates the fold folder and a log file.
     ds, plans_name, trainer_name, _ = resolve_run(dataset, configuration, architecture, plans, trainer)
     probe = fold_folder(ds, trainer_name, plans_name, configuration, _fold(fold))
+    if cpu_precision == "bf16":
+        from nnssl.training.trainer_lookup import find_trainer_class
+        from nnssl.training.trainers.base import FinetuneOptionsMixin
+        if not issubclass(find_trainer_class(trainer_name), FinetuneOptionsMixin):
+            raise NnsslError(f"--cpu_precision bf16 needs an nnssl trainer; {trainer_name} is not one (use -tr "
+                             f"nnsslTrainer for nnU-Net's recipe, or --cpu_precision fp32).")
     resume_from = None
     if continue_training:
         resume_from = _checkpoint_to_continue(probe, f"nnssl_train {dataset} {configuration} {fold} (without --c)")

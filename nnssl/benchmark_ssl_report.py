@@ -96,45 +96,52 @@ def write_csv(results: List[dict], path: str) -> None:
 
 
 def write_png(rows: List[dict], results: List[dict], path: str) -> None:
-    """Left: test Dice per label budget and start (mean ± std). Right: mean validation curves per start."""
+    """Left: test Dice per label budget and start (mean ± std). Then, per label budget: the mean
+    validation curve of every start. Drawn in the report style (nnU-Net's progress plot restyles
+    matplotlib globally, which the benchmark's fine-tuning runs have just called)."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from nnssl.evaluation.report_figure import report_style, write_figure
 
     # each set of runs once: the scratch runs of every length, the pretrained runs (listed per budget in rows)
     starts = sorted({(r["start"], r["budget"]) for r in rows if r["start"] == "scratch" or r["budget"] == "same"},
                     key=lambda x: (x[0] != "scratch", x))
     ns = sorted({r["n"] for r in rows})
-    colors = {st: plt.cm.tab10(i % 10) for i, st in enumerate(starts)}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    width = 0.8 / max(1, len(starts))
-    for i, st in enumerate(starts):
-        vals = [next((r for r in rows if (r["start"], r["budget"]) == st and r["n"] == n), None) for n in ns]
-        xs = [j + i * width for j, v in enumerate(vals) if v is not None]
-        ys = [v["dice_mean"] for v in vals if v is not None]
-        es = [v["dice_std"] for v in vals if v is not None]
-        label = st[0] + (f" ({vals[0]['finetune_iterations'] if vals[0] else ''} it., equal budget)"
-                         if st[1] == "equal" else "")
-        ax.bar(xs, ys, width, yerr=es, capsize=3, color=colors[st], label=label)
-        for x, y in zip(xs, ys):
-            ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
-        runs = [r for r in results if (r["start"], r["budget"]) == st and r["n"] == ns[-1] and r["val_dice"]]
-        if runs:
-            k = min(len(r["val_dice"]) for r in runs)
-            per_epoch = runs[0]["finetune_iterations"] // len(runs[0]["val_dice"])
-            ax2.plot([(e + 1) * per_epoch for e in range(k)], np.nanmean([r["val_dice"][:k] for r in runs], axis=0),
-                     color=colors[st], label=label)
-    ax.set_xticks([j + width * (len(starts) - 1) / 2 for j in range(len(ns))], [f"n = {n}" for n in ns])
-    ax.set_ylabel("test mean Dice (mean ± std over seeds)")
-    ax.set_title("Test Dice per label budget")
-    ax.legend(fontsize=8)
-    ax2.set_xlabel("fine-tuning iteration")
-    ax2.set_ylabel("validation pseudo Dice (mean over seeds)")
-    ax2.set_title(f"Validation curves, n = {ns[-1]}")
-    ax2.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    tab10 = matplotlib.colormaps["tab10"]
+    colors = {st: tab10(i % 10) for i, st in enumerate(starts)}
+    with report_style():
+        fig = Figure(figsize=(6.5 + 4.5 * len(ns), 4.8), layout="constrained")
+        ax, *curve_axes = fig.subplots(1, 1 + len(ns), width_ratios=[6.5] + [4.5] * len(ns))
+        width = 0.8 / max(1, len(starts))
+        for i, st in enumerate(starts):
+            vals = [next((r for r in rows if (r["start"], r["budget"]) == st and r["n"] == n), None) for n in ns]
+            xs = [j + i * width for j, v in enumerate(vals) if v is not None]
+            ys = [v["dice_mean"] for v in vals if v is not None]
+            es = [v["dice_std"] for v in vals if v is not None]
+            first = next((v for v in vals if v is not None), None)
+            label = st[0] + (f" ({first['finetune_iterations'] if first else ''} it., equal budget)"
+                             if st[1] == "equal" else "")
+            ax.bar(xs, ys, width, yerr=es, capsize=3, color=colors[st], label=label)
+            for x, y in zip(xs, ys):
+                ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
+            for ax2, n in zip(curve_axes, ns):
+                runs = [r for r in results if (r["start"], r["budget"]) == st and r["n"] == n and r["val_dice"]]
+                if runs:
+                    k = min(len(r["val_dice"]) for r in runs)
+                    per_epoch = runs[0]["finetune_iterations"] // len(runs[0]["val_dice"])
+                    ax2.plot([(e + 1) * per_epoch for e in range(k)],
+                             np.nanmean([r["val_dice"][:k] for r in runs], axis=0), color=colors[st], label=label)
+        ax.set_xticks([j + width * (len(starts) - 1) / 2 for j in range(len(ns))], [f"n = {n}" for n in ns])
+        ax.set_ylabel("test mean Dice (mean ± std over seeds)")
+        ax.set_title("test Dice per label budget")
+        ax.legend(fontsize=8)
+        for ax2, n in zip(curve_axes, ns):
+            ax2.set_xlabel("fine-tuning iteration")
+            ax2.set_ylabel("validation pseudo Dice (mean over seeds)")
+            ax2.set_title(f"validation curves, n = {n}")
+            ax2.grid(alpha=0.3)
+        write_figure(fig, path, fmt="png")
 
 
 def write_reports(s, results: List[dict], out_dir: str, figure: bool = True) -> dict:

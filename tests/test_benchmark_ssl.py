@@ -54,6 +54,29 @@ def test_summary_pairs_by_seed():
     assert rows["vf/pool"]["to_threshold"] == [None, 40, 20]  # ordered by seed
 
 
+def test_figure_ignores_global_restyling(tmp_path, monkeypatch):
+    """nnU-Net's progress plot (called by every fine-tuning run) sets seaborn's font scale 2.5
+    globally; results.png must keep the report's own sizes and get one curve panel per budget."""
+    import matplotlib
+    from nnssl import benchmark_ssl_report
+    from nnssl.evaluation import report_figure
+
+    results = [_result(st, seed, 0.4 + 0.01 * seed, n=n) for st in ("scratch", "vf/pool") for seed in (0, 1)
+               for n in (1, 6)]
+    figures = []
+    real_write = report_figure.write_figure
+    monkeypatch.setattr(report_figure, "write_figure", lambda fig, path, fmt=None: (figures.append(fig),
+                                                                                    real_write(fig, path, fmt)))
+    monkeypatch.setitem(matplotlib.rcParams, "font.size", 25.0)
+    monkeypatch.setitem(matplotlib.rcParams, "axes.titlesize", 30.0)
+    benchmark_ssl_report.write_png(summarize(results), results, str(tmp_path / "results.png"))
+    (fig,) = figures
+    assert [ax.get_title() for ax in fig.axes] == ["test Dice per label budget", "validation curves, n = 1",
+                                                   "validation curves, n = 6"]
+    assert {ax.title.get_fontsize() for ax in fig.axes} == {report_figure.FONT["axes.titlesize"]}
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_planned_runs_and_equal_budget():
     s = BenchmarkSettings(methods=("volume_fusion",), seeds=(0, 1, 2), n_labeled=(1, 6), data=("intask", "pool"),
                           pretrain_iterations=100, finetune_iterations=300, equal_budget=True)

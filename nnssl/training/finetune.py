@@ -21,7 +21,7 @@ import torch
 
 from nnssl import paths
 from nnssl.datasets import resolve
-from nnssl.devices import CPU_PRECISIONS, cpu_autocast_dtype, resolve_device
+from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 
@@ -152,17 +152,26 @@ def apply_run_options(trainer, opts: RunOptions) -> None:
     set_cpu_precision(trainer, opts.cpu_precision or "auto")
 
 
+def check_cpu_precision(precision: Optional[str], trainer_cls: type) -> None:
+    """Refuse an unknown ``--cpu_precision`` and "bf16" for a trainer without the nnssl options."""
+    from nnssl.training.trainers.base import FinetuneOptionsMixin
+
+    if precision is None:
+        return
+    cpu_autocast_dtype(precision, torch.device("cpu"))  # refuses an unknown value
+    if precision == "bf16" and not issubclass(trainer_cls, FinetuneOptionsMixin):
+        raise NnsslError(f"--cpu_precision bf16 needs an nnssl trainer; {trainer_cls.__name__} is not one "
+                         f"(use -tr nnsslTrainer for nnU-Net's recipe, or --cpu_precision fp32).")
+
+
 def set_cpu_precision(trainer, precision: str = "auto") -> None:
     """CPU mixed precision of an nnssl trainer (``--cpu_precision``); other trainers keep nnU-Net's
     float32 on the CPU ("auto") or are refused ("bf16")."""
     from nnssl.training.trainers.base import FinetuneOptionsMixin
 
-    dtype = cpu_autocast_dtype(precision, trainer.device)
+    check_cpu_precision(precision, type(trainer))
     if isinstance(trainer, FinetuneOptionsMixin):
-        trainer.nnssl_cpu_autocast = dtype
-    elif precision == "bf16" and dtype is not None:
-        raise NnsslError(f"--cpu_precision bf16 needs an nnssl trainer; {type(trainer).__name__} is not one "
-                         f"(use -tr nnsslTrainer for nnU-Net's recipe, or --cpu_precision fp32).")
+        trainer.nnssl_cpu_autocast = cpu_autocast_dtype(precision, trainer.device)
 
 
 @dataclass
@@ -221,8 +230,6 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                        ("--val_iterations", val_iterations, 1), ("--warmup_epochs", warmup_epochs, 0),
                        ("--freeze_encoder_epochs", freeze_encoder_epochs, 0)):
         _positive(flag, v, m)
-    if cpu_precision is not None and cpu_precision not in CPU_PRECISIONS:
-        raise NnsslError(f"--cpu_precision '{cpu_precision}' is not one of {', '.join(CPU_PRECISIONS)}.")
     if continue_training and pretrained:
         raise NnsslError("--c continues a fine-tuning that already started from its own checkpoint; -pretrained "
                          "only applies to a fresh start. Drop one of the two.")
@@ -234,12 +241,9 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     # Checked before the trainer exists: constructing it creates the fold folder and a log file.
     ds, plans_name, trainer_name, _ = resolve_run(dataset, configuration, architecture, plans, trainer)
     probe = fold_folder(ds, trainer_name, plans_name, configuration, _fold(fold))
-    if cpu_precision == "bf16":
+    if cpu_precision is not None:  # before the trainer exists (it creates the fold folder)
         from nnssl.training.trainer_lookup import find_trainer_class
-        from nnssl.training.trainers.base import FinetuneOptionsMixin
-        if not issubclass(find_trainer_class(trainer_name), FinetuneOptionsMixin):
-            raise NnsslError(f"--cpu_precision bf16 needs an nnssl trainer; {trainer_name} is not one (use -tr "
-                             f"nnsslTrainer for nnU-Net's recipe, or --cpu_precision fp32).")
+        check_cpu_precision(cpu_precision, find_trainer_class(trainer_name))
     resume_from = None
     if continue_training:
         resume_from = _checkpoint_to_continue(probe, f"nnssl_train {dataset} {configuration} {fold} (without --c)")

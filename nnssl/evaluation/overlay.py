@@ -58,10 +58,10 @@ def write_segmentation_figure(image_file: str, reference_file: str, predictions:
     """Write the picture to ``path`` (.png or .svg); ``predictions``: (run label, segmentation file).
 
     Returns {"slice": z, "dice": {label: case Dice}, "classes": number of reference classes}."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     from nnssl.evaluation.report_figure import report_style, write_figure
-    from matplotlib.figure import Figure
 
     image, reference = _read(image_file), _read(reference_file)
     preds = [(label, _read(f), f) for label, f in predictions]

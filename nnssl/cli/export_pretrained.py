@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from nnssl.sharing import export_pretrained
+    from nnssl.checkpoints import export_pretrained
 
     card = export_pretrained(args.checkpoint, args.o)
     print(json.dumps(card, indent=2))

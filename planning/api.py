@@ -80,6 +80,9 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
     sources = [INTASK if s == INTASK else datasets.resolve(s, where=("raw",)) for s in dict.fromkeys(pretraining)]
     for source in sources:  # cheap checks first: fail before any long work
         check_source(target, source)
+    if like is not None:  # a damaged or foreign-but-unreadable checkpoint, before fingerprinting
+        from nnssl.checkpoints import load_pretraining_checkpoint
+        load_pretraining_checkpoint(like)
     rerun_hint = _command(target, specs, sources, configurations, preset)
 
     if part is None or verify_dataset_integrity:

@@ -1,14 +1,33 @@
 """Share pretrained models: ``nnssl_export_pretrained CHECKPOINT -o model.zip`` packs a pretraining
-checkpoint into a model archive (:mod:`nnssl.checkpoints.archive`)."""
+checkpoint into a model archive (:mod:`nnssl.checkpoints.archive`).
+
+The model card records what made the model: the software versions (nnssl, nnunetv2, torch), a
+license (``--license``; "unspecified" unless the exporter states one: the weights' terms depend on
+the pretraining data, which nnssl cannot know) and the citation of the method's paper.
+"""
 import json
 import os
+from importlib import metadata
 
 from nnssl.checkpoints.archive import is_archive, write_archive
 from nnssl.checkpoints.loading import load_pretraining_checkpoint
+from nnssl.citations import method_citation
 from nnssl.errors import NnsslError
 
 
-def export_pretrained(checkpoint: str, output: str) -> dict:
+UNSPECIFIED_LICENSE = "unspecified"
+
+
+def software_versions() -> dict:
+    """{"nnssl", "nnunetv2", "torch"}: the installed versions that wrote a model card."""
+    import torch
+
+    import nnssl
+
+    return {"nnssl": nnssl.__version__, "nnunetv2": metadata.version("nnunetv2"), "torch": torch.__version__}
+
+
+def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_LICENSE) -> dict:
     """Write the model archive ``output`` (atomically) for ``checkpoint``; returns its model card."""
     from nnssl import paths
 
@@ -37,6 +56,9 @@ def export_pretrained(checkpoint: str, output: str) -> dict:
         "spacing": ckpt["normalization"]["spacing"],
         "normalization_schemes": ckpt["normalization"]["normalization_schemes"],
         "transfer": ckpt["transfer"],
+        "software": software_versions(),
+        "license": license,
+        "citation": method_citation(ckpt["method"]["name"]),
     }
     return write_archive(output, {k: v for k, v in ckpt.items() if k != "resume"}, plans, card)
 

@@ -1,5 +1,6 @@
-"""Shared by the foreign-format tests: plan a tiny labeled dataset --like a pretrained file and
-fine-tune 2 iterations from it through the commands (nnssl_plan_and_preprocess, nnssl_train)."""
+"""Shared by the checkpoint tests: a native checkpoint dict; plan a tiny labeled dataset --like a
+pretrained file and fine-tune 2 iterations from it through the commands (nnssl_plan_and_preprocess,
+nssl_train)."""
 import json
 import os
 
@@ -31,3 +32,21 @@ def finetune_like(env: dict, pretrained: str) -> dict:
     [trainer_dir] = os.listdir(results)
     with open(os.path.join(results, trainer_dir, "fold_all", "nnssl_pretrained.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def native_checkpoint(arch="plainconvunet", dataset="Dataset001_Blobs", plans_name="nnUNetPlans"):
+    """A complete contract dict of nnssl_pretrain for a tiny ``arch`` (weights as initialized)."""
+    from nnssl.architectures import build_network
+    from nnssl.architectures.spec import ARCHITECTURES
+
+    planner = ARCHITECTURES.get(arch).planner_class().without_dataset(1, 2, preset="tiny")
+    block = planner.network_for_patch((16, 16, 16))
+    net = build_network(arch, (16, 16, 16), 1, 2, preset="tiny")
+    weights = {k: v for k, v in net.state_dict().items() if ".seg_layers." not in k}
+    return {"nnssl_checkpoint_version": 1, "architecture": {"name": arch, **block},
+            "plans_name": plans_name, "configuration": "3d_fullres", "data_identifier": "nnUNetPlans_3d_fullres",
+            "normalization": {"normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+                              "foreground_intensity_properties_per_channel": {}, "spacing": [1.0, 1.0, 1.0],
+                              "patch_size": [16, 16, 16], "transpose_forward": [0, 1, 2]},
+            "input_channels": 1, "method": {"name": "volume_fusion", "config": {}}, "pretraining_data": "intask",
+            "dataset": dataset, "iteration": 2, "transfer": "encoder", "seed": 0, "network_weights": weights}

@@ -7,7 +7,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
-from foreign_finetune import finetune_like
+from foreign_finetune import finetune_like, native_checkpoint
 from nnssl.errors import NnsslError
 
 PATCH = (16, 16, 16)
@@ -139,3 +139,102 @@ def test_like_then_finetune_loads_every_encoder_tensor(nnunet_env, tmp_path):
     loaded = report["report"]["keys"]["loaded"]
     assert sorted(loaded) == sorted(k for k, _ in ref.encoder.named_parameters(prefix="encoder"))
     assert report["plans_differences"]["refused"] == []
+
+
+# The fields of MIC-DKFZ nnssl's dataclasses (AdaptationPlan, Plan, ConfigurationPlan, ArchitecturePlans).
+ADAPTATION_PLAN_FIELDS = {"architecture_plans", "pretrain_plan", "pretrain_num_input_channels",
+                          "recommended_downstream_patchsize", "key_to_encoder", "key_to_stem", "keys_to_in_proj",
+                          "key_to_lpe"}
+PLAN_FIELDS = {"dataset_name", "plans_name", "original_median_spacing_after_transp", "image_reader_writer",
+               "transpose_forward", "transpose_backward", "configurations", "experiment_planner_used"}
+CONFIGURATION_FIELDS = {"data_identifier", "preprocessor_name", "spacing_style", "normalization_schemes",
+                        "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_mask",
+                        "resampling_fn_mask_kwargs", "spacing", "patch_size"}
+
+
+def nnunet_master_loads(path: str, downstream_channels: int) -> nn.Module:
+    """What nnU-Net master does with the file (like_nnssl.preprocess_like_nnssl, then
+    PretrainedTrainer.build_network_architecture and load_pretrained_weights), step by step. The
+    class is looked up in dynamic_network_architectures' unet module, where nnU-Net's
+    recursive_find_python_class finds it (that search imports every architecture module, which
+    needs a working torchvision)."""
+    import dynamic_network_architectures.architectures.unet as unet
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    ckp = torch.load(path, weights_only=True, map_location="cpu")
+    plan = ckp["nnssl_adaptation_plan"]
+    pretrain_config = list(plan["pretrain_plan"]["configurations"].values())[0]
+    assert isinstance(pretrain_config["spacing"], list) and len(pretrain_config["spacing"]) == 3
+    architecture = dict(plan["architecture_plans"])
+    class_name = architecture.pop("arch_class_name")
+    requires_import = architecture.pop("arch_kwargs_requiring_import")
+    assert class_name in ("PlainConvUNet", "ResidualEncoderUNet")
+    for cit in ckp["citations"]:  # PretrainedTrainer.print_citations
+        assert isinstance(cit["type"], str) and isinstance(cit["name"], str) and cit["apa_citations"]
+    network = get_network_from_plans(f"{unet.__name__}.{class_name}", architecture["arch_kwargs"], requires_import,
+                                     downstream_channels, 2, allow_init=True, deep_supervision=False)
+    sd = ckp["network_weights"]
+    pt_enc, pt_stem, in_proj = plan["key_to_encoder"], plan["key_to_stem"], plan["keys_to_in_proj"]
+    assert pt_stem not in sd  # nnU-Net's test for "stem inside the encoder" is False for these networks
+    encoder = {k: v for k, v in sd.items() if k.startswith(pt_enc)}
+    stem = {k: v for k, v in sd.items() if k.startswith(pt_stem)}
+    if downstream_channels > plan["pretrain_num_input_channels"]:
+        vals = stem[in_proj[0] + ".weight"].repeat(1, downstream_channels, 1, 1, 1) / downstream_channels
+        for k in in_proj:
+            stem[k + ".weight"] = vals
+    network.get_submodule(network.key_to_encoder).load_state_dict(
+        {k.replace(pt_enc, "").lstrip("."): v for k, v in encoder.items()})  # strict, as in nnU-Net
+    network.get_submodule(network.key_to_stem).load_state_dict(
+        {k.replace(pt_stem, "").lstrip("."): v for k, v in stem.items()})
+    return network
+
+
+@pytest.mark.parametrize("arch, channels", [("plainconvunet", 1), ("resenc", 1), ("resenc", 2), ("resenc_l", 1)])
+def test_export_for_nnunet_passes_nnunet_masters_reader(nnunet_env, tmp_path, arch, channels):
+    import json
+    import os
+
+    from nnssl.checkpoints import export_pretrained, load_pretraining_checkpoint
+    from nnssl.checkpoints.formats.openmind import to_native
+
+    native = native_checkpoint(arch)
+    torch.save(native, str(tmp_path / "checkpoint_final.pth"))
+    os.makedirs(os.path.join(nnunet_env["nnUNet_preprocessed"], native["dataset"]))
+    with open(os.path.join(nnunet_env["nnUNet_preprocessed"], native["dataset"], "nnUNetPlans.json"), "w") as f:
+        json.dump({"image_reader_writer": "SimpleITKIO", "configurations": {}}, f)
+    out = str(tmp_path / "for_nnunet.pth")
+    export_pretrained(str(tmp_path / "checkpoint_final.pth"), out, format="nnunet")
+
+    ckp = torch.load(out, weights_only=True)
+    plan = ckp["nnssl_adaptation_plan"]
+    assert set(plan) == ADAPTATION_PLAN_FIELDS and set(plan["pretrain_plan"]) == PLAN_FIELDS
+    assert set(plan["architecture_plans"]) == {"arch_class_name", "arch_kwargs", "arch_kwargs_requiring_import"}
+    [(name, configuration)] = plan["pretrain_plan"]["configurations"].items()
+    assert name == "3d_fullres" and set(configuration) == CONFIGURATION_FIELDS
+    assert configuration["spacing_style"] in ("onemmiso", "median", "noresample")
+    assert configuration["spacing"] == [1.0, 1.0, 1.0] and plan["recommended_downstream_patchsize"] == [16, 16, 16]
+    assert plan["pretrain_num_input_channels"] == 1 and plan["key_to_lpe"] is None
+    assert plan["architecture_plans"]["arch_kwargs_requiring_import"] == ["conv_op", "norm_op", "nonlin"]
+    assert (plan["key_to_encoder"], plan["key_to_stem"]) == (
+        ("encoder.stages", "encoder.stages.0") if arch == "plainconvunet" else ("encoder.stages", "encoder.stem"))
+
+    network = nnunet_master_loads(out, channels)
+    stem_conv = {"encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.all_modules.0.weight"}  # one tensor
+    for k, v in network.encoder.state_dict(prefix="encoder.").items():
+        if channels == 2 and k in stem_conv:  # nnU-Net repeats the stem over the channels, divided by 2
+            assert torch.equal(v, native["network_weights"][k].repeat(1, 2, 1, 1, 1) / 2)
+        else:
+            assert torch.equal(v, native["network_weights"][k]), k
+    # nnssl reads the file natively, and the OpenMind reader reads its plan back to the same network
+    assert load_pretraining_checkpoint(out)["architecture"]["name"] == arch
+    back = to_native({k: ckp[k] for k in ("network_weights", "nnssl_adaptation_plan")}, out)
+    assert back["architecture"]["arch_kwargs"] == json.loads(json.dumps(native["architecture"]["arch_kwargs"]))
+    for k, v in native["network_weights"].items():
+        assert torch.equal(back["network_weights"][k], v), k
+
+
+def test_export_for_nnunet_refuses_what_its_trainer_cannot_build(nnunet_env, tmp_path):
+    from nnssl.checkpoints.formats.openmind import from_native
+
+    with pytest.raises(NnsslError, match="PlainConvUNet and ResidualEncoderUNet only"):
+        from_native(native_checkpoint("pct_net"), None)

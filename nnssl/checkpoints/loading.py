@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
-from nnssl.checkpoints import formats  # noqa: F401  (registers the foreign formats)
+import nnssl.checkpoints.formats  # noqa: F401  (registers the foreign formats)
 from nnssl.checkpoints.archive import is_archive, read_archive_checkpoint, sha256_bytes
 from nnssl.checkpoints.contract import RESUME_KEYS, check_contract, to_plain
 from nnssl.checkpoints.foreign import to_native

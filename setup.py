@@ -54,7 +54,7 @@ setup(
     ],
     # monai is test-only: the MONAI parity tests (SwinUNETR, UNETR state dicts) compare against it;
     # nnssl itself never imports it.
-    extras_require={"dev": ["pytest>=7", "monai>=1.3"]},
+    extras_require={"dev": ["pytest>=7", "monai>=1.5"]},
     entry_points={
         "console_scripts": [f"{cmd} = nnssl.cli.{mod}:main" for cmd, mod in COMMANDS.items()]
     },

@@ -4,7 +4,7 @@ import torch
 
 from nnssl.architectures.build import build_network
 from nnssl.architectures.spec import ARCHITECTURES, count_parameters
-from nnssl.architectures.swinunetr import TINY, SwinUNETR, load_monai_state_dict
+from nnssl.architectures.swinunetr import TINY, MonaiPatchMerging, SwinUNETR, load_monai_state_dict
 from nnssl.errors import NnsslError
 
 SMALL = {"feature_size": 12, "window_size": 3}  # MONAI needs feature_size % 12 == 0
@@ -117,3 +117,46 @@ def test_a_monai_index_of_another_window_is_refused(monai_swinunetr):
     net = SwinUNETR(2, 3, feature_size=12, window_size=5)
     with pytest.raises(NnsslError, match="window"):
         load_monai_state_dict(net, monai_swinunetr(3).state_dict())
+
+
+# MONAI <= 1.4's "merging" order, written from MONAI PR #8285 (released in 1.5): its x0..x7 offsets.
+MONAI_1_4_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+
+
+def _as_monai_1_4(monai_net):
+    """A copy of a MONAI >= 1.5 SwinUNETR whose patch mergings concatenate in MONAI <= 1.4's order."""
+    import copy
+    legacy = copy.deepcopy(monai_net)
+    for i in range(1, 5):
+        merge = getattr(legacy.swinViT, f"layers{i}")[0].downsample
+
+        def forward(x, merge=merge):
+            x = torch.cat([x[:, a::2, b::2, c::2] for a, b, c in MONAI_1_4_OFFSETS], -1)
+            return merge.reduction(merge.norm(x))
+        merge.forward = forward
+    return legacy
+
+
+def test_legacy_patch_merging_reproduces_monai_1_4_and_the_default_monai_1_5(monai_swinunetr):
+    import monai
+    assert tuple(int(v) for v in monai.__version__.split(".")[:2]) >= (1, 5), "the parity tests need monai>=1.5"
+    monai_net = monai_swinunetr(2)
+    x = torch.randn(1, 2, 32, 32, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        new, old = monai_net(x), _as_monai_1_4(monai_net)(x)
+        default, legacy = _loaded(monai_net, 2)(x), _loaded(monai_net, 2, legacy_patch_merging=True)(x)
+    assert torch.allclose(default, new, atol=1e-5) and torch.allclose(legacy, old, atol=1e-5)
+    assert (new - old).abs().max() > 0.05 * new.std()  # the two MONAI versions compute something else
+
+
+def test_legacy_merging_never_reads_two_of_the_eight_neighbours():
+    """MONAI <= 1.4 reads (0, 1, 0) and (0, 0, 1) twice and (1, 1, 0), (0, 1, 1) never."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, 3)
+    bumped = x.clone()
+    bumped[:, 1::2, 1::2, 0::2] += 1.0  # the (1, 1, 0) neighbours
+    bumped[:, 0::2, 1::2, 1::2] += 1.0  # the (0, 1, 1) neighbours
+    for legacy, unchanged in ((True, True), (False, False)):
+        merge = MonaiPatchMerging(3, legacy=legacy)
+        with torch.no_grad():
+            assert torch.allclose(merge(x), merge(bumped)) == unchanged

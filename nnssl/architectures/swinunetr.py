@@ -31,6 +31,12 @@ MONAI exactly: padded tokens attend like real ones, and a window shrunk to a sho
 top-left N x N block of the full window's bias index (MONAI's indexing) instead of the bias of its
 own offsets. Use "monai" to run MONAI-trained weights as they were trained (at a 96^3 patch the last
 stage's 6^3 grid shrinks the 7^3 window, and stages 1-3 are padded).
+
+Patch merging (``legacy_patch_merging``): the default concatenates the 2x2x2 neighbours in the order of
+MONAI >= 1.5 (:data:`MONAI_MERGE_ORDER`). MONAI <= 1.4 (MONAI PR #8285, issue #8284) took the offsets
+(0, 1, 0) and (0, 0, 1) twice and (1, 1, 0), (0, 1, 1) never (:data:`MONAI_LEGACY_MERGE_ORDER`): weights
+trained with it (the public Swin-UNETR SSL weights; HybridMIM, trained with MONAI 1.0) load strictly into
+either mode but compute what they were trained to compute only with ``legacy_patch_merging=True``.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -57,8 +63,10 @@ MONAI_KEYS = (("encoder.swinViT.", "swinViT."),
               *((f"decoder.decoder{i}.", f"decoder{i}.") for i in (5, 4, 3, 2, 1)),
               ("decoder.seg_layers.0.", "out.conv.conv."))
 MONAI_INDEX_KEY = "attn.relative_position_index"
-# MONAI's merging ("merging", v1) concatenates the 2x2x2 neighbours in this (d, h, w) offset order.
+# MONAI's merging ("merging", v1) concatenates the 2x2x2 neighbours in this (d, h, w) offset order (MONAI >= 1.5).
 MONAI_MERGE_ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+# MONAI <= 1.4's order: entries 5 and 6 repeat entries 2 and 3 (see the module docstring).
+MONAI_LEGACY_MERGE_ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
 # Tests and the demo: ~1 M parameters, same topology (total stride 32, shifted windows).
 TINY = {"feature_size": 6, "num_heads": [1, 2, 4, 8], "window_size": 4}
 
@@ -78,6 +86,7 @@ class SwinUNETRConfig:
     normalize: bool = True  # LayerNorm (no affine) on every Swin output before the conv blocks
     norm: str = "instance"  # conv blocks' norm (MONAI: instance norm without affine)
     attention_compat: str = "nnssl"  # Assumption: see the module docstring ("monai": MONAI's maths)
+    legacy_patch_merging: bool = False  # True: MONAI <= 1.4's merge order, for weights trained with it
 
     def __post_init__(self):
         self.depths = tuple(int(d) for d in self.depths)
@@ -159,12 +168,19 @@ class SwinUNETRBlock(SwinBlock):
 
 
 class MonaiPatchMerging(PatchMerging):
-    """2x2x2 patch merging with MONAI's (v1) neighbour order. x: [B, D, H, W, C] -> [B, D/2, H/2, W/2, 2C]."""
+    """2x2x2 patch merging with MONAI's (v1) neighbour order (``legacy``: MONAI <= 1.4's).
+
+    x: [B, D, H, W, C] -> [B, D/2, H/2, W/2, 2C].
+    """
+
+    def __init__(self, dim: int, legacy: bool = False):
+        super().__init__(dim)
+        self.order = MONAI_LEGACY_MERGE_ORDER if legacy else MONAI_MERGE_ORDER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % 2 for s in x.shape[1:4]):
             raise ValueError(f"patch merging needs even grid sizes, got {tuple(x.shape[1:4])}")
-        x = torch.cat([x[:, a::2, b::2, c::2] for a, b, c in MONAI_MERGE_ORDER], dim=-1)
+        x = torch.cat([x[:, a::2, b::2, c::2] for a, b, c in self.order], dim=-1)
         return self.reduction(self.norm(x))
 
 
@@ -181,7 +197,7 @@ class SwinStage(nn.Module):
         self.blocks = nn.ModuleList(
             SwinUNETRBlock(dim, heads, window, (0, 0, 0) if i % 2 == 0 else shift, cfg, drop_paths[i])
             for i in range(depth))
-        self.downsample = MonaiPatchMerging(dim)
+        self.downsample = MonaiPatchMerging(dim, legacy=cfg.legacy_patch_merging)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 4, 1)
@@ -314,6 +330,9 @@ class SwinUNETR(EncoderDecoderNetwork):
 
 def load_monai_state_dict(network: SwinUNETR, state_dict: dict, strict: bool = True):
     """Load a MONAI ``SwinUNETR`` state dict (v1, ``downsample="merging"``) into ``network``.
+
+    Weights trained with MONAI <= 1.4 need a network built with ``legacy_patch_merging=True`` (the
+    keys are the same, so nothing here can tell).
 
     MONAI's constant relative-position indices are checked against nnssl's (a mismatch means another
     window size) and dropped; every other key is renamed by :data:`MONAI_KEYS`. Returns

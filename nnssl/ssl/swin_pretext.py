@@ -13,7 +13,9 @@ three heads work on its bottleneck ``network.encoder(x)[-1]`` ([2B, C, d, h, w])
   loss 2 − 2·cos(prediction of view a, target projection of view b), symmetrized (summed over
   both directions, as BYOL).
 
-Loss = the three terms, weights 1. Only the encoder transfers. The EMA target is a submodule of
+Loss = L1(v1) + L1(v2) + CE(v1) + CE(v2) + BYOL(p(v1), z'(v2)) + BYOL(p(v2), z'(v1)) (weights 1): each term
+summed over the two views, as the authors' code (``SSLHarness.shared_step``; the paper names the three
+losses without weights), so the three tasks weigh alike. Only the encoder transfers. The EMA target is a submodule of
 the method, so it is in the method's ``state_dict`` and ``--c`` resumes it bit-exactly.
 
 Assumptions (each a config field):
@@ -242,12 +244,16 @@ class SwinPretext(SSLMethod):
         return bottleneck.mean(dim=(2, 3, 4)) if self.cfg.byol_pool else bottleneck.flatten(1)
 
     def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Returns {"recon", "rotation", "byol", "monitor_proj_std", "loss"} (monitor_proj_std is not trained)."""
+        """Returns {"recon", "rotation", "byol", "monitor_proj_std", "loss"} (monitor_proj_std is not trained);
+        recon, rotation and byol are each the sum over the two views (directions)."""
         views, cfg = batch["views"], self.cfg
         b = views.shape[0] // 2
         feats = network.encoder(views)[-1]  # [2B, C, d, h, w]
-        recon = F.l1_loss(self.recon_head(feats).float(), batch["target"].float())
-        rotation = F.cross_entropy(self.rotation_head(feats.mean(dim=(2, 3, 4))).float(), batch["rotations"])
+        # Summed over the views, like BYOL's two directions (the authors' weighting, module docstring).
+        recon_out, target = self.recon_head(feats).float(), batch["target"].float()
+        recon = F.l1_loss(recon_out[:b], target[:b]) + F.l1_loss(recon_out[b:], target[b:])
+        logits, k = self.rotation_head(feats.mean(dim=(2, 3, 4))).float(), batch["rotations"]
+        rotation = F.cross_entropy(logits[:b], k[:b]) + F.cross_entropy(logits[b:], k[b:])
         z = self.projector(self._projector_input(feats))
         p = self.predictor(z)
         with torch.no_grad():

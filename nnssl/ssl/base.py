@@ -51,6 +51,13 @@ class SSLMethod(nn.Module):
         return 1
 
     @classmethod
+    def default_config(cls, architecture: str):
+        """The config a run on ``architecture`` starts from, before ``--set``: the dataclass's defaults.
+        A method whose paper or authors' code gives other defaults for some backbones overrides it
+        (order_reconstruction on ``unetr`` / ``unetr_pp``)."""
+        return cls.config_class()
+
+    @classmethod
     def crop_size(cls, cfg, planned_patch_size: Sequence[int]) -> Tuple[int, ...]:
         """Size of the random crops the loader produces (default: the planned patch size)."""
         return tuple(int(p) for p in planned_patch_size)

@@ -127,7 +127,7 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
     with open(os.path.join(paths.preprocessed(), target, "dataset.json"), encoding="utf-8") as f:
         input_channels = determine_num_input_channels(pm, cm, json.load(f))
 
-    cfg = apply_overrides(method_cls.config_class(), overrides)
+    cfg = apply_overrides(method_cls.default_config(architecture), overrides)
     has_bs = "batch_size" in {f.name for f in dataclasses.fields(cfg)}
     global_bs = int(batch_size if batch_size is not None else (cfg.batch_size if has_bs else cm.batch_size))
     if has_bs:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from nnssl.registry import Registry
+from nnssl.ssl.crops import CropChoice, InputRule, choose
 
 
 class SSLMethod(nn.Module):
@@ -51,9 +52,43 @@ class SSLMethod(nn.Module):
         return 1
 
     @classmethod
-    def crop_size(cls, cfg, planned_patch_size: Sequence[int]) -> Tuple[int, ...]:
-        """Size of the random crops the loader produces (default: the planned patch size)."""
-        return tuple(int(p) for p in planned_patch_size)
+    def default_config(cls, architecture: str):
+        """The config a run on ``architecture`` starts from, before ``--set``: the dataclass's defaults.
+        A method whose paper or authors' code gives other defaults for some backbones overrides it
+        (order_reconstruction on ``unetr`` / ``unetr_pp``)."""
+        return cls.config_class()
+
+    @classmethod
+    def crop_requirement(cls, cfg) -> str:
+        """The method's own constraint on its crops, in words (for the start-up line and refusals);
+        "" = none."""
+        return ""
+
+    @classmethod
+    def crop_axis_ok(cls, cfg, axis: int, size: int, rule: InputRule) -> bool:
+        """Whether the method takes ``size`` voxels along ``axis`` on a network that accepts ``rule``.
+        Default: any size."""
+        return True
+
+    @classmethod
+    def crop_joint_ok(cls, cfg, crop: Tuple[int, ...]) -> bool:
+        """Whether the method takes ``crop`` as a whole (constraints between axes). Default: yes."""
+        return True
+
+    @classmethod
+    def choose_crop(cls, cfg, planned_patch_size: Sequence[int], rule: Optional[InputRule] = None) -> CropChoice:
+        """The random crops the loader produces: the largest crop inside the planned patch that the network
+        (``rule``; None = any size) and the method (the three hooks above) accept, and why it is smaller
+        (:mod:`nnssl.ssl.crops`); NnsslError when there is none. A method without constraints: the
+        planned patch."""
+        rule = rule or InputRule.anything(len(planned_patch_size))
+        return choose(cls.name, planned_patch_size, rule, lambda axis, size: cls.crop_axis_ok(cfg, axis, size, rule),
+                      lambda crop: cls.crop_joint_ok(cfg, crop), cls.crop_requirement(cfg))
+
+    @classmethod
+    def crop_size(cls, cfg, planned_patch_size: Sequence[int], rule: Optional[InputRule] = None) -> Tuple[int, ...]:
+        """The crop of :meth:`choose_crop` alone."""
+        return cls.choose_crop(cfg, planned_patch_size, rule).crop
 
     @classmethod
     def prepare(cls, cfg, data_folder: str, identifiers: List[str], seed: int):

@@ -28,7 +28,9 @@ L = L_PR + 0.1·L_num + 0.1·L_loc + 0.01·L_con + 0.1·L_CL (eq. 7; each weight
 decoder transfer. The network is built with one output per input channel (the reconstruction).
 
 Assumptions (each a config field):
-- ``crop_size`` None: the planned patch (like every nnssl method; the paper crops 96³);
+- ``crop_size`` None: the largest crop inside the planned patch that divides into whole sub-volumes
+  with the region on the network's stride grid (:meth:`HybridMIM.crop_axis_ok`; the planned patch
+  itself where it does, e.g. 96³ or 128³, the paper's crops; 32 x 96 x 96 from a 40 x 96 x 96 plan);
 - ``region_size`` None: the crop less one sub-volume per axis (the paper's 64 of 96 and 96 of 128).
   The region's start is snapped to the network's coarsest stride (levels are cropped by whole
   voxels): where the centred start is not a multiple (16 for a 64³ region in a 96³ crop under
@@ -55,6 +57,7 @@ from torch import nn
 from nnssl.architectures.blocks.swin import DropPath
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.crops import CropChoice
 from nnssl.transforms.hybrid_masking import (SAMPLING, check_region, default_region, hybrid_mask, mask_geometry,
                                              region_offsets, voxel_mask)
 
@@ -71,7 +74,7 @@ class HybridMIMConfig:
     mask_ratio: float = 0.4
     mask_value: float = 0.0
     mask_sampling: str = "exact"  # Assumption (see the module docstring)
-    crop_size: Optional[Tuple[int, int, int]] = None  # Assumption: None = the planned patch
+    crop_size: Optional[Tuple[int, int, int]] = None  # Assumption: None = the largest valid crop in the planned patch
     # partial region prediction
     region_size: Optional[Tuple[int, int, int]] = None  # Assumption: None = crop less one sub-volume
     # loss weights (eq. 7) and terms
@@ -221,8 +224,32 @@ class HybridMIM(SSLMethod):
         return cfg.reconstruct_channels
 
     @classmethod
-    def crop_size(cls, cfg: HybridMIMConfig, planned_patch_size: Sequence[int]) -> Tuple[int, ...]:
-        return tuple(cfg.crop_size) if cfg.crop_size is not None else tuple(int(p) for p in planned_patch_size)
+    def crop_requirement(cls, cfg: HybridMIMConfig) -> str:
+        return (f"whole {'x'.join(map(str, cfg.sub_volume_size))} sub-volumes along every axis (or one shorter "
+                f"sub-volume of whole patches) and a reconstruction region on the network's stride grid")
+
+    @classmethod
+    def crop_axis_ok(cls, cfg: HybridMIMConfig, axis: int, size: int, rule) -> bool:
+        """:func:`mask_geometry`'s rule along one axis (a multiple of the sub-volume, or shorter and a multiple
+        of its patch count) and :func:`check_region`'s (region and crop multiples of the network's divisor,
+        which the coarsest stride divides)."""
+        sub, split = cfg.sub_volume_size[axis], max(1, cfg.sub_volume_size[axis] // cfg.patch_size[axis])
+        if size < sub:
+            ok, region = size % split == 0, size
+        else:
+            ok, region = size % sub == 0, (size - sub if size > sub else size)
+        if cfg.region_size is not None:
+            ok, region = ok and cfg.region_size[axis] <= size, cfg.region_size[axis]
+        stride = 1 if rule.fixed else int(rule.divisor[axis])
+        return ok and region % stride == 0 and size % stride == 0
+
+    @classmethod
+    def choose_crop(cls, cfg: HybridMIMConfig, planned_patch_size: Sequence[int], rule=None) -> CropChoice:
+        """``--set crop_size`` as given (checked in :meth:`configure`), else the largest valid crop."""
+        if cfg.crop_size is None:
+            return super().choose_crop(cfg, planned_patch_size, rule)
+        planned = tuple(int(p) for p in planned_patch_size)
+        return CropChoice(tuple(cfg.crop_size), planned, "" if cfg.crop_size == planned else "it was set with --set crop_size")
 
     @classmethod
     def configure(cls, cfg: HybridMIMConfig, build_network, crop_size, num_input_channels: int):

@@ -195,17 +195,25 @@ class SwinPretext(SSLMethod):
         self._online = (network,)  # a tuple, so the online network is not registered as a submodule twice
 
     @classmethod
-    def crop_size(cls, cfg: SwinPretextConfig, planned_patch_size) -> Tuple[int, ...]:
-        """The planned patch, cut to a square in the rotation plane (90° rotations need it)."""
+    def crop_requirement(cls, cfg: SwinPretextConfig) -> str:
+        return f"equal sizes in the rotation plane (spatial axes {tuple(cfg.rotation_plane)}) for its 90-degree rotations"
+
+    @classmethod
+    def crop_joint_ok(cls, cfg: SwinPretextConfig, crop) -> bool:
+        a, b = cfg.rotation_plane
+        return len(crop) != 3 or crop[a] == crop[b]
+
+    @classmethod
+    def choose_crop(cls, cfg: SwinPretextConfig, planned_patch_size, rule=None):
+        """The largest crop that is square in the rotation plane (90° rotations need it): the planned patch
+        cut to the smaller in-plane side where the network takes that (``square_crop``)."""
         size = [int(p) for p in planned_patch_size]
         a, b = cfg.rotation_plane
-        if len(size) == 3 and size[a] != size[b]:
-            if not cfg.square_crop:
-                raise NnsslError(f"swin_pretext rotates by 90 degrees in spatial axes {cfg.rotation_plane}, which "
-                                 f"needs equal sizes there, but the planned patch is {tuple(size)}. Drop "
-                                 f"--set square_crop=false (crops are then cut to the smaller side).")
-            size[a] = size[b] = min(size[a], size[b])
-        return tuple(size)
+        if len(size) == 3 and size[a] != size[b] and not cfg.square_crop:
+            raise NnsslError(f"swin_pretext rotates by 90 degrees in spatial axes {cfg.rotation_plane}, which "
+                             f"needs equal sizes there, but the planned patch is {tuple(size)}. Drop "
+                             f"--set square_crop=false (crops are then cut to the smaller side).")
+        return super().choose_crop(cfg, planned_patch_size, rule)
 
     @classmethod
     def make_batch(cls, cfg: SwinPretextConfig, images: np.ndarray, rng: np.random.Generator,

@@ -4,6 +4,9 @@ Command-line names -> the target dataset, the method and its config (``--set`` o
 parsed against the config dataclass's field types), the architecture's plans and
 configuration, the preprocessed pretraining data, crop and batch sizes, and the network built
 from the plans' ``architecture`` block (exactly as fine-tuning will build it).
+
+The crop is the method's choice inside the planned patch (:mod:`nnssl.ssl.crops`), given what
+the plans' network accepts (:func:`network_input_rule`).
 """
 import collections.abc
 import dataclasses
@@ -13,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Sequence, Tuple
 
+import numpy as np
 import torch.distributed as dist
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -25,6 +29,7 @@ from nnssl import datasets, paths
 from nnssl.architectures.spec import ARCHITECTURES, ArchitectureSpec
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS, check_compatible
+from nnssl.ssl.crops import CropChoice, InputRule
 from nnssl.planning.pretraining_data import INTASK, find_pretraining_data
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -94,6 +99,7 @@ class PretrainSetup:
     data_folder: str
     crop_size: Tuple[int, ...]
     batch_size: int  # per process
+    crop_choice: CropChoice  # the crop, the planned patch and why they differ
 
     def build_network(self):
         """The segmentation network from the plans (no deep supervision), outputs as the method asks."""
@@ -102,6 +108,26 @@ class PretrainSetup:
                                       cm.network_arch_init_kwargs_req_import, self.input_channels,
                                       self.method_cls.network_output_channels(self.cfg), allow_init=True,
                                       deep_supervision=False)
+
+
+def network_input_rule(arch: ArchitectureSpec, pm: PlansManager, cm: ConfigurationManager,
+                       input_channels: int) -> InputRule:
+    """The input sizes the plans' network accepts. Networks sized for the planned patch (``img_size`` in
+    the arch_kwargs: UNETR, UNETR++): that patch only. nnU-Net's U-Nets: multiples of the product of their
+    pooling strides. nnssl's architectures: their planner's ``patch_divisor`` and smallest patch at the
+    plans' spacing (with the plans' size preset)."""
+    kwargs = cm.network_arch_init_kwargs
+    planned = tuple(int(p) for p in cm.patch_size)
+    if "img_size" in kwargs:
+        return InputRule(planned, planned, fixed=True)
+    if "strides" in kwargs:
+        per_stage = np.array([np.broadcast_to(np.asarray(s, dtype=np.int64), (len(planned),))
+                              for s in kwargs["strides"]])
+        divisor = tuple(int(d) for d in per_stage.prod(axis=0))
+        return InputRule(divisor, divisor)
+    planner = arch.planner_class().without_dataset(input_channels, preset=pm.plans.get("nnssl_preset"))
+    spacing = tuple(float(s) for s in cm.spacing)
+    return InputRule(tuple(int(d) for d in planner.patch_divisor(spacing)), planner.smallest_patch(spacing))
 
 
 def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraining_data: str = "intask",
@@ -127,7 +153,7 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
     with open(os.path.join(paths.preprocessed(), target, "dataset.json"), encoding="utf-8") as f:
         input_channels = determine_num_input_channels(pm, cm, json.load(f))
 
-    cfg = apply_overrides(method_cls.config_class(), overrides)
+    cfg = apply_overrides(method_cls.default_config(architecture), overrides)
     has_bs = "batch_size" in {f.name for f in dataclasses.fields(cfg)}
     global_bs = int(batch_size if batch_size is not None else (cfg.batch_size if has_bs else cm.batch_size))
     if has_bs:
@@ -145,9 +171,9 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
 
     source = INTASK if pretraining_data == INTASK else datasets.resolve(pretraining_data)
     folder = find_pretraining_data(target, source, cm.data_identifier, architecture)
-    crop = tuple(int(c) for c in method_cls.crop_size(cfg, cm.patch_size))
+    choice = method_cls.choose_crop(cfg, cm.patch_size, network_input_rule(arch, pm, cm, int(input_channels)))
     return PretrainSetup(target, method, method_cls, cfg, arch, pm, configuration, cm, int(input_channels),
-                         source, folder, crop, per_process)
+                         source, folder, choice.crop, per_process, choice)
 
 
 def prepare_method(setup: PretrainSetup, seed: int, distributed: bool = False) -> PretrainSetup:

@@ -162,7 +162,7 @@ class Pretrainer:
         write_json({"dataset": s.target, "method": s.method_name, "config": to_plain(s.cfg),
                     "architecture": s.arch.name, "plans": s.plans_manager.plans_name,
                     "configuration": s.configuration, "pretraining_data": s.source,
-                    "pretraining_data_folder": s.data_folder, "crop_size": list(s.crop_size),
+                    "pretraining_data_folder": s.data_folder, **s.crop_choice.record(),
                     "batch_size_per_process": s.batch_size, "world_size": world_size, "seed": self.seed,
                     "iterations": self.total, "iterations_per_epoch": self.ipe, "device": str(self.device),
                     "num_workers": int(num_workers), "amp": self.amp, "optimizer": type(self.optimizer).__name__,
@@ -328,6 +328,7 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
                         f"data {setup.source} ({setup.data_folder}), crop {list(setup.crop_size)}, batch "
                         f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
                         f"{num_workers} data workers, config {to_plain(setup.cfg)}")
+        trainer.log.log(setup.crop_choice.describe())
         trainer.log.log(trainer.schedule.describe())
         clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
         trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")

@@ -1,4 +1,4 @@
-"""The data of ``nnssl_benchmark_ssl`` (:mod:`nnssl.benchmark_ssl`): split, own nnU-Net tree, pretraining sets.
+"""The data of ``nnssl_benchmark_ssl`` (:mod:`nnssl.benchmark.runs`): split, own nnU-Net tree, pretraining sets.
 
 ``prepare_data`` only reads and checks (a label budget larger than the pool is refused before
 anything is written); ``BenchmarkData.materialize`` then writes, each step skipped when done:

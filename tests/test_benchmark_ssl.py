@@ -194,26 +194,58 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
 
 
 def test_quick_run_end_to_end_and_resume(tmp_path, monkeypatch):
+    """Two seeds end to end (the k >= 2 path of the statistics on real runs), with in-task pretraining:
+    results.md's Δ and interval are the ones of results.csv's paired values, command.txt holds the
+    command, and the test case is nowhere in the fingerprint, the splits or the in-task set."""
     from nnssl.cli.benchmark_ssl import main
 
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     out = str(tmp_path / "bench")
-    args = ["--quick", "-m", "volume_fusion", "-o", out]
+    args = ["-m", "volume_fusion", "--seeds", "0", "1", "--n_labeled", "1", "--data", "intask",
+            "--pretrain_iterations", "4", "--iterations", "4", "--iterations_per_epoch", "2", "--val_iterations", "1",
+            "--labeled_pool", "2", "--val_cases", "1", "--test_cases", "1", "--unlabeled", "1",
+            "--shape", "16", "32", "32", "-o", out]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0
     with open(os.path.join(out, "results.csv"), encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["start"], r["n"], r["seed"]) for r in rows] == [("scratch", "1", "0"), ("volume_fusion/pool", "1", "0")]
-    assert all(0.0 <= float(r["test_dice"]) <= 1.0 for r in rows)
+    assert [(r["start"], r["seed"]) for r in rows] == [("scratch", "0"), ("scratch", "1"),
+                                                       ("volume_fusion/intask", "0"), ("volume_fusion/intask", "1")]
+    dice = {(r["start"], r["seed"]): float(r["test_dice"]) for r in rows}
+    d = [dice[("volume_fusion/intask", k)] - dice[("scratch", k)] for k in ("0", "1")]
+    mean, se = (d[0] + d[1]) / 2, abs(d[0] - d[1]) / 2  # two values: std = |a - b| / sqrt 2, SE = std / sqrt 2
+    md = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    row = next(line for line in md.splitlines() if line.startswith("| plainconvunet | 1 | volume_fusion/intask |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[5] == f"{mean:+.3f} [{mean - 12.706 * se:+.3f}, {mean + 12.706 * se:+.3f}]"
+    assert cells[6:8] == ["—", "too few seeds"]
+    scratch_row = next(line for line in md.splitlines() if line.startswith("| plainconvunet | 1 | scratch |"))
+    scratch = [dice[("scratch", k)] for k in ("0", "1")]
+    assert scratch_row.split("|")[10].strip() == f"{max(scratch) - min(scratch):.3f}"
+    assert "the 1 test cases" in md
     for r in rows:
-        folder = os.path.join(out, "runs", "plainconvunet", r["start"].replace("/", "__"), "n1_s0")
+        folder = os.path.join(out, "runs", "plainconvunet", r["start"].replace("/", "__"), f"n1_s{r['seed']}")
         with open(os.path.join(folder, "result.json"), encoding="utf-8") as f:
             assert len(json.load(f)["val_dice"]) == 2  # 4 iterations, 2 per epoch: one value per epoch
-    assert "| plainconvunet | 1 | volume_fusion/pool |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert open(os.path.join(out, "command.txt"), encoding="utf-8").read().split() == ["nnssl_benchmark_ssl"] + args
     assert os.path.getsize(os.path.join(out, "results.png")) > 0
+
+    # cases BTCV_0001-0002 pool, 0003 validation, 0004 test
+    tree = os.path.join(out, "nnunet")
+    pre = os.path.join(tree, "nnUNet_preprocessed", "Dataset901_BTCV")
+    with open(os.path.join(pre, "splits_final.json"), encoding="utf-8") as f:
+        splits = json.load(f)
+    assert all("BTCV_0004" not in fold["train"] + fold["val"] for fold in splits)
+    assert sorted(os.listdir(os.path.join(tree, "nnUNet_raw", "Dataset901_BTCV", "imagesTr"))) == [
+        "BTCV_0001_0000.nii.gz", "BTCV_0002_0000.nii.gz", "BTCV_0003_0000.nii.gz"]
+    with open(os.path.join(pre, "dataset_fingerprint.json"), encoding="utf-8") as f:
+        assert len(json.load(f)["spacings"]) == 3  # one per pool and validation case, none for the test case
+    assert sorted(os.listdir(os.path.join(out, "data", "intask_images"))) == ["BTCV_0001.nii.gz", "BTCV_0002.nii.gz"]
+    assert len(os.listdir(os.path.join(tree, "nnUNet_raw", "Dataset902_InTask", "imagesTr"))) == 2
+    assert os.listdir(os.path.join(out, "data", "test_images")) == ["BTCV_0004_0000.nii.gz"]
 
     import nnssl.training.finetune as finetune
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
@@ -223,6 +255,43 @@ def test_quick_run_end_to_end_and_resume(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(args + ["--threshold", "0.5"])
     assert e.value.code == 2
+
+
+def test_quick_refuses_the_options_it_replaces(tmp_path):
+    from nnssl.cli.benchmark_ssl import QUICK, build_parser, main, settings_from_args
+
+    out = tmp_path / "bench"
+    for extra in (["--seeds", "0", "1", "2"], ["--iterations", "300"], ["--shape", "32", "64", "64"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", "-m", "volume_fusion", "-o", str(out)] + extra)
+        assert e.value.code == 2
+    assert not out.exists()
+    s = settings_from_args(build_parser().parse_args(["--quick", "--val_iterations", "3"]))
+    assert (s.seeds, s.finetune_iterations, s.shape, s.val_iterations) == ((0,), QUICK["iterations"], (16, 32, 32), 3)
+
+
+def test_refused_command_writes_nothing(tmp_path):
+    """Issue 21: a refused benchmark must not leave a settings.json that blocks the corrected command."""
+    from nnssl.cli.benchmark_ssl import main
+
+    out = tmp_path / "bench"
+    for bad in (["--seeds", "-1"], ["--val_iterations", "0"], ["--threshold", "0"], ["--test_cases", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["-m", "volume_fusion", "-o", str(out)] + bad)
+        assert e.value.code == 2, bad
+        assert not out.exists(), bad
+
+
+def test_pretraining_per_seed():
+    from nnssl.benchmark.runs import pretraining_folder, pretraining_seed
+
+    once, per_seed = BenchmarkSettings(seeds=(3, 4, 5)), BenchmarkSettings(seeds=(3, 4, 5), pretrain_per_seed=True)
+    assert [pretraining_seed(once, k) for k in (3, 4, 5)] == [3, 3, 3]
+    assert [pretraining_seed(per_seed, k) for k in (3, 4, 5)] == [3, 4, 5]
+    assert pretraining_folder("/o", "a", "m", "intask", once, 3) == os.path.join("/o", "pretraining", "a", "m__intask")
+    assert pretraining_folder("/o", "a", "m", "intask", per_seed, 4) == os.path.join("/o", "pretraining", "a",
+                                                                                      "m__intask__s4")
+    assert "one pretraining run per seed" in markdown(per_seed, [])
 
 
 def test_verdicts_of_one_file_are_holm_corrected():

@@ -27,7 +27,8 @@ from nnssl.dataset_conversion.validation import validate_raw_dataset
 from nnssl.errors import NnsslError
 from nnssl.planning.planners import planner_for
 from nnssl.planning.preprocessing import CasePool, check_part, preprocess_labeled, remove_preprocessed
-from nnssl.planning.pretraining_data import INTASK, check_source, preprocess_pretraining, pretraining_data_folder
+from nnssl.planning.pretraining_data import (INTASK, check_source, is_own_images, preprocess_pretraining,
+                                             pretraining_data_folder)
 
 DEFAULT_CONFIGURATIONS = ("3d_fullres",)
 
@@ -39,7 +40,8 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
                         no_pp: bool = False, preset: Optional[str] = None,
                         gpu_memory_target: Optional[float] = None, clean: bool = False,
                         show_progress: bool = True, generic: bool = False, spacing=None,
-                        ct_window=None, zscore: bool = False, patch=None, like: Optional[str] = None) -> Dict[str, object]:
+                        ct_window=None, zscore: bool = False, patch=None, like: Optional[str] = None,
+                        intask_include_test: bool = False) -> Dict[str, object]:
     """Plan and preprocess ``dataset`` (ID, full or short name); returns what was written:
     ``{"dataset", "plans": {arch: plans file}, "data": {data_identifier: folder},
     "pretraining": {source: {configuration: folder}}}``.
@@ -47,6 +49,8 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
     ``generic``: plan an unlabeled pool on its own (``planning/generic.py``; ``spacing``,
     ``ct_window``, ``zscore``, ``patch`` apply). ``like``: plan the labeled ``dataset`` like a pretraining
     checkpoint or model archive (``planning/like.py``) instead of with ``architectures``.
+    ``intask_include_test``: the target's (or the pool's) imagesTs join its ``intask`` pretraining data
+    (``planning/pretraining_data.py``; warned and recorded).
     """
     if generic or spacing is not None or ct_window is not None or zscore or patch is not None:
         if not generic:
@@ -61,7 +65,8 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
             patch=patch, configuration=configurations[0],
             num_processes=default_num_processes if num_processes is None else int(num_processes), part=part,
             total_parts=total_parts, verify_dataset_integrity=verify_dataset_integrity, no_pp=no_pp, preset=preset,
-            gpu_memory_target=gpu_memory_target, clean=clean, show_progress=show_progress)
+            gpu_memory_target=gpu_memory_target, clean=clean, show_progress=show_progress,
+            include_test=intask_include_test)
     paths.ensure_paths()
     num_processes = default_num_processes if num_processes is None else int(num_processes)
     if num_processes < 1:
@@ -78,9 +83,13 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
             spec.planner_class().preset_overrides(preset)  # raises NnsslError naming the available presets
     target = datasets.resolve(dataset, where=("raw",))
     sources = [INTASK if s == INTASK else datasets.resolve(s, where=("raw",)) for s in dict.fromkeys(pretraining)]
+    if intask_include_test and not any(is_own_images(target, s) for s in sources):
+        raise NnsslError(f"--intask_include_test adds {target}'s imagesTs to its in-task pretraining data, but no -pd "
+                         f"names it: add -pd intask (or drop the flag).")
     for source in sources:  # cheap checks first: fail before any long work
-        check_source(target, source)
-    rerun_hint = _command(target, specs, sources, configurations, preset)
+        check_source(target, source, intask_include_test)
+    rerun_hint = _command(target, specs, sources, configurations, preset) + (
+        " --intask_include_test" if intask_include_test else "")
 
     if part is None or verify_dataset_integrity:
         _validate(target, [s for s in sources if s != INTASK], verify_dataset_integrity, show_progress)
@@ -116,7 +125,8 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
         for source in sources:
             for c in pretrain_configs:
                 result["pretraining"][source][c] = preprocess_pretraining(
-                    target, source, pretrain_plans, c, pool, part, total_parts, rerun_hint, show_progress)
+                    target, source, pretrain_plans, c, pool, part, total_parts, rerun_hint, show_progress,
+                    intask_include_test)
     return result
 
 

@@ -73,10 +73,11 @@ def _analyze_case(args) -> tuple:
 
 
 def body_fingerprint(dataset_full_name: str, num_processes: int = 1, show_progress: bool = True,
-                     body_threshold: float = BODY_THRESHOLD_HU) -> dict:
-    """Fingerprint the images of a pool (imagesTr + imagesTs) without labels; writes and returns it."""
+                     body_threshold: float = BODY_THRESHOLD_HU, include_test: bool = False) -> dict:
+    """Fingerprint the images of a pool (imagesTr; + imagesTs with ``include_test``: the images it is
+    pretrained on) without labels; writes and returns it."""
     raw_folder = os.path.join(paths.raw(), dataset_full_name)
-    cases, dataset_json = source_images(dataset_full_name, INTASK)
+    cases, dataset_json = source_images(dataset_full_name, INTASK, include_test)
     channels = dataset_json["channel_names"]
     thresholds = [body_threshold if str(channels[k]).lower() == "ct" else None
                   for k in sorted(channels, key=int)]
@@ -193,8 +194,10 @@ def plan_and_preprocess_generic(dataset, architectures: Sequence[str] = ("plainc
                                 part: Optional[int] = None, total_parts: Optional[int] = None,
                                 verify_dataset_integrity: bool = False, no_pp: bool = False,
                                 preset: Optional[str] = None, gpu_memory_target: Optional[float] = None,
-                                clean: bool = False, show_progress: bool = True) -> Dict[str, object]:
-    """Plan ``dataset`` (a pool) on its own and preprocess its images as its ``intask`` pretraining data.
+                                clean: bool = False, show_progress: bool = True,
+                                include_test: bool = False) -> Dict[str, object]:
+    """Plan ``dataset`` (a pool) on its own and preprocess its images as its ``intask`` pretraining data
+    (imagesTr; + imagesTs with ``include_test``, ``--intask_include_test``: as for any ``-pd intask``).
 
     Returns ``{"dataset", "plans": {arch: plans file}, "pretraining": {"intask": {configuration: folder}}}``.
     """
@@ -213,13 +216,14 @@ def plan_and_preprocess_generic(dataset, architectures: Sequence[str] = ("plainc
         raise NnsslError("--zscore and --ct_window exclude each other: z-scoring ignores the HU window. Pass one.")
     specs = [ARCHITECTURES.get(a) for a in dict.fromkeys(architectures)]
     target = datasets.resolve(dataset, where=("raw",))
-    hint = f"nnssl_plan_and_preprocess -d {target} --generic -a {' '.join(s.name for s in specs)}"
+    hint = f"nnssl_plan_and_preprocess -d {target} --generic -a {' '.join(s.name for s in specs)}" + (
+        " --intask_include_test" if include_test else "")
     fingerprint_file = os.path.join(paths.preprocessed(), target, "dataset_fingerprint.json")
     if part is None:
         validate_raw_dataset(os.path.join(paths.raw(), target), full=verify_dataset_integrity, progress=show_progress)
         existing = load_json(fingerprint_file) if os.path.isfile(fingerprint_file) else {}
         if clean or "nnssl_generic" not in existing:  # a labeled (nnU-Net) fingerprint is redone without labels
-            existing = body_fingerprint(target, num_processes, show_progress)
+            existing = body_fingerprint(target, num_processes, show_progress, include_test=include_test)
         copy_dataset_json(target)
         window = None if zscore else tuple(float(v) for v in ct_window)
         for spec in specs:
@@ -253,5 +257,6 @@ def plan_and_preprocess_generic(dataset, architectures: Sequence[str] = ("plainc
     with CasePool(num_processes) as pool:
         for plans_file in jobs.values():
             result["pretraining"][INTASK][configuration] = preprocess_pretraining(
-                target, INTASK, plans_file, configuration, pool, part, total_parts, hint, show_progress)
+                target, INTASK, plans_file, configuration, pool, part, total_parts, hint, show_progress,
+                include_test)
     return result

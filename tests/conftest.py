@@ -104,7 +104,8 @@ def blob_dataset(nnunet_env):
 @pytest.fixture(scope="session")
 def pretrain_tree(tmp_path_factory):
     """Dataset001_Blobs (2 train + 1 test case of 16x32x32 voxels) planned once per session with every
-    registered architecture (``--preset tiny``) and preprocessed with its in-task pretraining data.
+    registered architecture (``--preset tiny``) and preprocessed with its in-task pretraining data,
+    the test case included (``--intask_include_test``: three scans, so Volume Fusion's pairs vary).
 
     Shared and read-only. Every registered architecture is planned: a planner that fails to import
     fails the tests that use this tree (no silent skips).
@@ -124,7 +125,7 @@ def pretrain_tree(tmp_path_factory):
         mp.setenv("nnUNet_n_proc_DA", "1")
         write_raw_dataset(tree["nnUNet_raw"], n_train=2, n_test=1, shape=(16, 32, 32))
         plan_and_preprocess("Dataset001_Blobs", architectures=planned, pretraining=["intask"], preset="tiny",
-                            num_processes=1, show_progress=False)
+                            num_processes=1, show_progress=False, intask_include_test=True)
     return {**tree, "dataset": "Dataset001_Blobs", "architectures": planned}
 
 

@@ -19,8 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes nnU-Net's own nnUNetPlans.json)")
     p.add_argument("-pd", nargs="+", default=[], metavar="DATASET",
                    help="pretraining dataset(s) to preprocess with the target's plans (those of the first -a "
-                        "architecture): unlabeled datasets (imagesTr only), or 'intask' for the target's own "
-                        "imagesTr + imagesTs images without labels")
+                        "architecture): unlabeled datasets (their imagesTr and imagesTs), or 'intask' for the "
+                        "target's own imagesTr images without labels (its imagesTs only with --intask_include_test)")
+    p.add_argument("--intask_include_test", action="store_true",
+                   help="also pretrain on the target's imagesTs (with -pd intask, or the pool's with --generic). "
+                        "Warns and is recorded: a model pretrained on the test images has seen them, so its test "
+                        "results are not independent of pretraining (LWI and HybridMIM use training images only)")
     p.add_argument("-c", nargs="+", default=["3d_fullres"], metavar="CONFIG",
                    help="configuration(s) to preprocess (default: 3d_fullres; others are still planned)")
     p.add_argument("-np", type=int, default=None, metavar="N",
@@ -85,7 +89,7 @@ def main(argv=None):
                 verify_dataset_integrity=a.verify_dataset_integrity, no_pp=a.no_pp, preset=a.preset,
                 gpu_memory_target=a.gpu_memory_target, clean=a.clean, show_progress=not a.no_pbar,
                 generic=a.generic, spacing=a.spacing, ct_window=a.ct_window, zscore=a.zscore,
-                patch=a.patch, like=a.like)
+                patch=a.patch, like=a.like, intask_include_test=a.intask_include_test)
         for plans_file in dict.fromkeys((result or {}).get("plans", {}).values()):
             print("\n".join(plans_summary(plans_file)))
         if not a.verbose:

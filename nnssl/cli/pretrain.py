@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-pd", "--pretraining_data", default="intask",
                    help="pretraining data: 'intask' (the target's own images, labels ignored; default) or an "
                         "unlabeled dataset preprocessed with the target's plans (nnssl_plan_and_preprocess -pd)")
+    p.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="with -pd intask: pretrain on fold K's training cases only (nnU-Net's splits_final.json, "
+                        "created as nnU-Net would if missing), so fine-tuning fold K validates on cases the "
+                        "pretraining never saw; output folder ...__foldK")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="plans configuration (default: 3d_fullres)")
     p.add_argument("--iterations", type=int, default=None,
                    help="total training iterations (default: the method's `iterations` setting, else 100000); "
@@ -65,7 +69,7 @@ def main(argv=None):
 
         folder = pretrain(a.dataset, a.method, a.architecture, a.pretraining_data, a.configuration, a.iterations,
                           a.iterations_per_epoch, a.batch_size, a.device, a.resume, a.seed, a.overrides,
-                          a.num_workers, a.compile_network, a.output_folder)
+                          a.num_workers, a.compile_network, a.output_folder, a.fold)
         print(f"Pretraining checkpoint: {folder}/checkpoint_final.pth")
 
     sys.exit(run_command(build_parser(), run, argv))

@@ -25,6 +25,10 @@ under with the fine-tuning plans: a difference that changes what the network see
 normalization and its intensity statistics, ``transpose_forward``) is refused with the list of
 differences, unless ``allow_plans_mismatch`` (``nnssl_train --allow_plans_mismatch``) is set;
 harmless differences (plans name, patch size, ...) are reported in the log and in the JSON report.
+
+Last, the checkpoint's pretraining cases are compared with the fold's validation cases
+(:mod:`nnssl.training.pretraining_cases`): an overlap is printed as a leakage warning and recorded
+as ``pretraining_cases_in_validation``.
 """
 import os
 from collections import OrderedDict
@@ -39,6 +43,7 @@ from nnssl.errors import NnsslError
 from nnssl.io import write_json
 from nnssl.sharing import checkpoint_sha256
 from nnssl.training.channel_adaptation import adapt_input_channels
+from nnssl.training.pretraining_cases import leakage_check, leakage_warning
 from nnssl.ssl.base import TRANSFERS
 REPORT_FILE = "nnssl_pretrained.json"
 
@@ -173,6 +178,22 @@ def check_plans(ckpt: dict, checkpoint_path: str, plans_manager, configuration: 
     return comparison
 
 
+def check_leakage(trainer, ckpt: dict, checkpoint_path: str) -> dict:
+    """:func:`~nnssl.training.pretraining_cases.leakage_check` for the trainer's fold (nnU-Net's split);
+    a non-empty overlap is printed and logged as a warning."""
+    fold, dataset = trainer.fold, trainer.plans_manager.dataset_name
+    validation = [] if str(fold) == "all" else list(trainer.do_split()[1])
+    result = leakage_check(ckpt, checkpoint_path, dataset, fold, validation)
+    overlap = result["pretraining_cases_in_validation"]
+    if overlap:
+        warning = leakage_warning(overlap, len(validation), dataset, fold, ckpt["method"].get("name"))
+        trainer.print_to_log_file(warning)  # also on the console
+    else:
+        trainer.print_to_log_file(f"nnssl: pretraining cases in the validation cases: "
+                                  f"{'none' if overlap == [] else 'unknown'} ({result['pretraining_cases_check']})")
+    return result
+
+
 def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool = False) -> InjectionReport:
     """Load a pretraining checkpoint into an initialized nnU-Net trainer's network.
 
@@ -208,6 +229,7 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
         trainer.print_to_log_file(f"nnssl: WARNING plans differ (allowed by --allow_plans_mismatch): {line}")
     for line in plans.harmless:
         trainer.print_to_log_file(f"nnssl: plans differ (harmless): {line}")
+    leakage = check_leakage(trainer, ckpt, checkpoint_path)
     write_json({
         "checkpoint": os.path.abspath(checkpoint_path),
         "sha256": checkpoint_sha256(checkpoint_path),
@@ -221,5 +243,6 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
         "report": report.to_dict(),
         "input_channels_adapted": {"from": int(ckpt["input_channels"]), "to": int(trainer.num_input_channels),
                                    "tensors": adapted},
+        **leakage,
     }, os.path.join(trainer.output_folder, REPORT_FILE))
     return report

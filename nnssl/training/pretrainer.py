@@ -32,6 +32,7 @@ from nnssl.errors import NnsslError
 from nnssl.io import write_json
 from nnssl.training.pretrain_data import PretrainLoader, batch_from_item, make_loader, map_tensors, shutdown
 from nnssl.training.pretrain_setup import PretrainSetup, prepare, prepare_method
+from nnssl.training.pretraining_cases import case_record
 from nnssl.training.progress import ProgressLog
 from nnssl.training.schedules import schedule_from_config
 
@@ -44,8 +45,9 @@ LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
 
 
 def output_folder_for(setup: PretrainSetup) -> str:
+    fold = "" if setup.fold is None else f"__fold{setup.fold}"
     return os.path.join(paths.results(), setup.target, f"nnsslPretrain__{setup.method_name}__{setup.arch.name}__"
-                        f"{setup.plans_manager.plans_name}__{setup.configuration}")
+                        f"{setup.plans_manager.plans_name}__{setup.configuration}{fold}")
 
 
 def step_seed(seed: int, rank: int, iteration: int) -> int:
@@ -116,11 +118,11 @@ class Pretrainer:
     # --- checkpoints ---
     def metadata(self) -> dict:
         s = self.s
-        return checkpoint_metadata(
+        return {**checkpoint_metadata(
             architecture_name=s.arch.name, plans_manager=s.plans_manager, configuration_name=s.configuration,
             input_channels=s.input_channels, method_name=s.method_name, method_config=s.cfg,
             transfer=getattr(s.cfg, "transfer", s.method_cls.transfer), pretraining_data=s.source, dataset=s.target,
-            iteration=self.iteration, seed=self.seed)
+            iteration=self.iteration, seed=self.seed), **case_record(s.cases)}
 
     def save(self, name: str) -> None:
         resume = {"optimizer": self.optimizer.state_dict(), "method_state": self.method.state_dict(),
@@ -137,6 +139,9 @@ class Pretrainer:
         diffs = [f"{k}: checkpoint {ckpt[k]!r}, now {mine[k]!r}" for k in
                  ("architecture", "plans_name", "configuration", "input_channels", "method", "pretraining_data",
                   "seed") if to_plain(ckpt[k]) != mine[k]]
+        if ckpt.get("pretraining_cases_sha256", mine["pretraining_cases_sha256"]) != mine["pretraining_cases_sha256"]:
+            diffs.append(f"pretraining cases: checkpoint {ckpt.get('pretraining_cases_count')}, now "
+                         f"{mine['pretraining_cases_count']} (another --fold or changed pretraining data)")
         if diffs:
             raise NnsslError(f"--c continues the run in {self.folder} with its saved settings, but these differ: "
                              + "; ".join(diffs) + ". Drop the changed flags (--set, --batch_size, --seed, -pd), "
@@ -162,7 +167,9 @@ class Pretrainer:
         write_json({"dataset": s.target, "method": s.method_name, "config": to_plain(s.cfg),
                     "architecture": s.arch.name, "plans": s.plans_manager.plans_name,
                     "configuration": s.configuration, "pretraining_data": s.source,
-                    "pretraining_data_folder": s.data_folder, **s.crop_choice.record(),
+                    "pretraining_data_folder": s.data_folder, **s.crop_choice.record(), "pretraining_fold": s.fold,
+                    "pretraining_includes_test_images": s.includes_test_images, **case_record(s.cases),
+                    "pretraining_cases": list(s.cases),
                     "batch_size_per_process": s.batch_size, "world_size": world_size, "seed": self.seed,
                     "iterations": self.total, "iterations_per_epoch": self.ipe, "device": str(self.device),
                     "num_workers": int(num_workers), "amp": self.amp, "optimizer": type(self.optimizer).__name__,
@@ -208,7 +215,7 @@ class Pretrainer:
         if self.compile_ignored:
             self.log.log("--compile is ignored on CPU (torch.compile is only used on CUDA).")
         loader = make_loader(PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, self.seed,
-                                            self.rank, self.iteration, self.num_workers),
+                                            self.rank, self.iteration, self.num_workers, s.cases),
                              self.num_workers)
         self.model.train()
         try:
@@ -266,8 +273,11 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
              configuration: str = "3d_fullres", iterations: Optional[int] = None, iterations_per_epoch: int = 250,
              batch_size: Optional[int] = None, device: Optional[str] = None, resume: bool = False, seed: int = 0,
              overrides: Sequence[str] = (), num_workers: Optional[int] = None, compile_network: bool = False,
-             output_folder: Optional[str] = None) -> str:
+             output_folder: Optional[str] = None, fold: Optional[int] = None) -> str:
     """Run (or with ``resume`` continue) a pretraining; returns the output folder.
+
+    ``fold``: in-task pretraining on fold ``fold``'s training cases only (``nnssl_pretrain --fold``;
+    output folder ``...__fold<K>``), so fine-tuning that fold validates on unseen cases.
 
     The engine seeds torch's global generator (initialization, per-step dropout seeds); the caller's
     generator state (CPU and CUDA) is restored on return, so calling this from Python leaves the
@@ -276,18 +286,19 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
     with torch.random.fork_rng(devices=cuda_devices):
         return _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations,
                          iterations_per_epoch, batch_size, device, resume, seed, overrides, num_workers,
-                         compile_network, output_folder)
+                         compile_network, output_folder, fold)
 
 
 def _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations, iterations_per_epoch,
-              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder) -> str:
+              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder, fold) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
-        setup = prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size, world)
+        setup = prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size, world,
+                        fold)
         total = int(iterations if iterations is not None else getattr(setup.cfg, "iterations", DEFAULT_ITERATIONS))
         if total < 1 or iterations_per_epoch < 1:
             raise NnsslError(f"--iterations ({total}) and --iterations_per_epoch ({iterations_per_epoch}) must be "
@@ -329,6 +340,12 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
                         f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
                         f"{num_workers} data workers, config {to_plain(setup.cfg)}")
         trainer.log.log(setup.crop_choice.describe())
+        fold_note = "" if setup.fold is None else f" (fold {setup.fold}'s training cases)"
+        trainer.log.log(f"Pretraining cases: {len(setup.cases)}{fold_note}, sha256 "
+                        f"{trainer.metadata()['pretraining_cases_sha256'][:16]}... (the list is in config.json)")
+        if setup.includes_test_images:
+            trainer.log.log(f"WARNING: the pretraining data holds {setup.target}'s imagesTs (--intask_include_test): "
+                            f"test results on them are not independent of this pretraining.")
         trainer.log.log(trainer.schedule.describe())
         clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
         trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")

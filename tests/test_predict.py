@@ -244,3 +244,23 @@ def test_cli_turns_user_errors_into_exit_code_2(model, inputs, tmp_path, capsys)
               "-device", "cpu"])
     assert e.value.code == 2
     assert "Fold 1 has no checkpoint_final.pth" in capsys.readouterr().err
+
+
+def test_truncated_or_nan_input_is_refused(model, inputs, monkeypatch, tmp_path):
+    """ITK would zero-fill the cut file and turn the NaN into 0: both refused, naming the case."""
+    monkeypatch.setenv("nnUNet_results", str(model["root"] / "results"))
+    out = tmp_path / "out"
+    bad = tmp_path / "bad"
+    shutil.copytree(inputs, bad)
+    victim = bad / "rotated_0000.nii.gz"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(NnsslError, match=r"Input case 'rotated' \(-i\) is not predicted: .*rotated_0000.nii.gz' is a "
+                                         r"truncated or corrupt gzip"):
+        predict(str(bad), str(out), DS, "3d_fullres", ["all"], device="cpu", npp=0, nps=0)
+    arr = np.zeros((24, 40, 40), np.float32)
+    arr[5, 6, 7] = np.nan
+    write_image(victim, arr)
+    with pytest.raises(NnsslError, match=r"Input case 'rotated' .*contains 1 NaN and 0 infinite voxels.*nan_to_num"):
+        predict(str(bad), str(out), DS, "3d_fullres", ["all"], device="cpu", npp=0, nps=0)
+    assert not os.path.exists(out)

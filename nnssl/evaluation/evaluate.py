@@ -16,8 +16,8 @@ tools still read the file):
 
 With an ignore label, ignored voxels are removed from the prediction before the surface
 metrics, as nnU-Net removes them from the Dice counts. Inputs are validated before anything
-is computed (missing/extra predictions, label values, shape and geometry) and every problem is
-reported at once.
+is computed (missing/extra predictions, truncated NIfTI files, label values, shape and geometry)
+and every problem is reported at once.
 """
 import json
 import multiprocessing
@@ -149,7 +149,14 @@ def case_surface_metrics(ref_file: str, pred_file: str, reader_writer, labels_or
     """
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
 
+    from nnssl.dataset_conversion.validation import check_nifti_complete
+
     case = os.path.basename(pred_file)
+    try:  # ITK reads a cut-off NIfTI zero-filled: it would be scored as background
+        for file in (ref_file, pred_file):
+            check_nifti_complete(file, decompress=False)
+    except NnsslError as e:
+        return {"problems": [str(e).rstrip(".")], "metrics": {}}
     try:
         ref, ref_props = reader_writer.read_seg(ref_file)
         pred, pred_props = reader_writer.read_seg(pred_file)
@@ -252,7 +259,7 @@ def evaluate_folder(ref_folder: str, pred_folder: str, dataset_json_or_name, out
                         ignore_extra)
     lm = _label_manager(dj)
     labels = [_as_key(r) for r in (lm.foreground_regions if lm.has_regions else lm.foreground_labels)]
-    allowed = sorted(set(lm.all_labels) | ({lm.ignore_label} if lm.has_ignore_label else set()))
+    allowed = sorted(int(v) for v in set(lm.all_labels) | ({lm.ignore_label} if lm.has_ignore_label else set()))
     try:
         rw = determine_reader_writer_from_dataset_json(dj, os.path.join(ref_folder, ref_files[0]), verbose=False)()
     except RuntimeError as e:

@@ -9,7 +9,10 @@ mirroring TTA, preprocessing and export are nnU-Net's.
 
 Before anything is predicted the inputs are checked against the model's ``dataset.json``
 (file naming, number of channels per case, same geometry for all channels of a case), so bad
-input fails with a message naming the case instead of a crash in a worker process.
+input fails with a message naming the case instead of a crash in a worker process. The images
+to predict are also read once to refuse truncated files (ITK zero-fills the missing part) and
+NaN/Inf intensities (ITK's NIfTI reader turns them into 0): both would give a segmentation of
+data that is not the scan, with exit code 0 (:func:`check_input_images`).
 
 Outputs are written to ``OUT/.nnssl_partial/`` and moved into ``OUT`` when complete, so an
 interrupted run never leaves a half-written segmentation; ``continue_prediction`` then predicts
@@ -115,6 +118,25 @@ def collect_cases(input_folder: str, dataset_json: dict) -> "OrderedDict[str, Li
     return OrderedDict((case, [files[c] for c in expected]) for case, files in cases.items())
 
 
+def check_input_images(cases: Dict[str, List[str]], names: Sequence[str]) -> None:
+    """Refuse truncated files and NaN/Inf intensities among the channel files of the cases ``names``.
+
+    NaN/Inf are refused, not replaced: training data with them is refused too (raw-data checks),
+    and any replacement value (0, the minimum, ...) is a guess that changes the segmentation
+    near those voxels without the user seeing it; the message gives the one-line fix instead.
+    """
+    from nnssl.dataset_conversion.validation import check_finite_image, read_image
+
+    for case in names:
+        for f in cases[case]:
+            if not f.lower().endswith(_SITK_ENDINGS):
+                continue
+            try:
+                check_finite_image(read_image(f), f)
+            except NnsslError as e:
+                raise NnsslError(f"Input case '{case}' (-i) is not predicted: {e}") from None
+
+
 def _model_folder(ds: str, trainer: str, plans: str, configuration: str, folds: List, checkpoint: str,
                   arch_name: str) -> str:
     folder = fold_folder(ds, trainer, plans, configuration)
@@ -154,6 +176,7 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     todo = [c for c in cases if not (continue_prediction and os.path.isfile(os.path.join(output_folder, c + ending))
                                       and (not save_probabilities or
                                            os.path.isfile(os.path.join(output_folder, c + ".npz"))))]
+    check_input_images(cases, todo)
 
     predictor = nnsslPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                perform_everything_on_device=dev.type == "cuda", device=dev, allow_tqdm=True)

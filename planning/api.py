@@ -88,6 +88,9 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
                          f"names it: add -pd intask (or drop the flag).")
     for source in sources:  # cheap checks first: fail before any long work
         check_source(target, source, intask_include_test)
+    if like is not None:  # a damaged or foreign-but-unreadable checkpoint, before fingerprinting
+        from nnssl.checkpoints import load_pretraining_checkpoint
+        load_pretraining_checkpoint(like)
     rerun_hint = _command(target, specs, sources, configurations, preset) + (
         " --intask_include_test" if intask_include_test else "")
 

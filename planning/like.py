@@ -36,8 +36,7 @@ def like_plans_name(architecture: str, sha256: str) -> str:
 
 def like_plans_file(target: str, checkpoint: str) -> str:
     """Where ``--like checkpoint`` writes the plans of ``target``."""
-    from nnssl.checkpoints import load_pretraining_checkpoint
-    from nnssl.sharing import checkpoint_sha256
+    from nnssl.checkpoints import checkpoint_sha256, load_pretraining_checkpoint
 
     arch = load_pretraining_checkpoint(checkpoint)["architecture"]["name"]
     return os.path.join(paths.preprocessed(), target, like_plans_name(arch, checkpoint_sha256(checkpoint)) + ".json")
@@ -57,9 +56,8 @@ def replan_batch_size(planner, patch, arch: dict, num_classes: int, approx_voxel
 def write_like_plans(target: str, checkpoint: str, gpu_memory_target: Optional[float] = None) -> str:
     """Plan ``target`` (fingerprint already extracted) like ``checkpoint``; returns the plans file."""
     from nnssl.architectures import ARCHITECTURES
-    from nnssl.checkpoints import load_pretraining_checkpoint
+    from nnssl.checkpoints import checkpoint_sha256, load_pretraining_checkpoint
     from nnssl.planning.planners import planner_for
-    from nnssl.sharing import checkpoint_sha256
 
     ckpt = load_pretraining_checkpoint(checkpoint)
     spec = ARCHITECTURES.get(ckpt["architecture"]["name"])

@@ -35,6 +35,7 @@ from nnunetv2.experiment_planning.experiment_planners import default_experiment_
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncL,
     nnUNetPlannerResEncM,
 )
 
@@ -194,6 +195,11 @@ class nnsslResEncUNetMPlanner(_NnsslPlannerMixin, nnUNetPlannerResEncM):
 
     nnU-Net's ResEnc planners already share the 2d/3d_fullres data of ``nnUNetPlans``.
     """
+
+
+class nnsslResEncUNetLPlanner(_NnsslPlannerMixin, nnUNetPlannerResEncL):
+    """nnU-Net's residual-encoder L planner (``nnUNetResEncUNetLPlans``, the OpenMind models'
+    network family) plus presets."""
 
 
 class nnsslArchitecturePlanner(_NnsslPlannerMixin, ExperimentPlanner):

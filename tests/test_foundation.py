@@ -1,5 +1,5 @@
 """Foundation-model mode: generic planning of an unlabeled pool, plans "like" a checkpoint, model
-archives, channel adaptation (planning/generic.py, planning/like.py, nnssl/sharing.py,
+archives, channel adaptation (planning/generic.py, planning/like.py, nnssl/checkpoints/archive.py,
 nnssl/training/channel_adaptation.py)."""
 import json
 import os
@@ -35,7 +35,7 @@ def write_pool(raw_root, n=5, shape=(16, 32, 32), seed=7):
 def foundation(tmp_path_factory):
     """Pool planned generically and pretrained (2 iterations), exported; Blobs planned like it."""
     from nnssl.planning.api import plan_and_preprocess
-    from nnssl.sharing import export_pretrained
+    from nnssl.checkpoints import export_pretrained
     from nnssl.training.pretrainer import pretrain
 
     root = tmp_path_factory.mktemp("foundation")
@@ -201,5 +201,5 @@ def test_bad_input(foundation, monkeypatch, tmp_path):
         check_volumes_fit(fp, [3.0, 0.8, 0.8], [24, 32, 32], [0, 1, 2], POOL)
     check_volumes_fit(fp, [3.0, 0.8, 0.8], [16, 32, 32], [0, 1, 2], POOL)  # one volume fits
     with pytest.raises(NnsslError, match="must end in .zip"):
-        from nnssl.sharing import export_pretrained
+        from nnssl.checkpoints import export_pretrained
         export_pretrained(foundation["ckpt"], str(tmp_path / "model.tar"))

@@ -1,4 +1,4 @@
-"""nnU-Net's own networks: the default ``PlainConvUNet`` and the residual-encoder U-Net.
+"""nnU-Net's own networks: the default ``PlainConvUNet`` and the residual-encoder U-Net (M and L presets).
 
 Both are planned by nnU-Net's planners unchanged (through thin nnssl subclasses that only
 add size presets), so ``plainconvunet`` writes the very ``nnUNetPlans.json`` that
@@ -31,4 +31,14 @@ register_architecture(ArchitectureSpec(
     # dynamic_network_architectures' UNetDecoder is transposed conv + concat + convs at every level,
     # so it runs unchanged on consistently centre-cropped skips (HybridMIM's partial decoding).
     capabilities=DEFAULT_CAPABILITIES | {"cropped_decoder"},
+))
+
+register_architecture(ArchitectureSpec(
+    name="resenc_l",
+    planner="nnssl.planning.planners.nnsslResEncUNetLPlanner",
+    plans_name="nnUNetResEncUNetLPlans",
+    trainer="nnsslTrainer",
+    description="nnU-Net's residual-encoder U-Net, L preset (nnUNetResEncUNetLPlans; OpenMind's ResEnc-L family)",
+    presets={"tiny": _TINY_UNET},
+    capabilities=DEFAULT_CAPABILITIES | {"cropped_decoder"},  # the same decoder as resenc
 ))

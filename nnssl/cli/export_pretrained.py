@@ -16,13 +16,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "a modified archive is refused.")
     p.add_argument("checkpoint", help="a checkpoint_final.pth written by nnssl_pretrain")
     p.add_argument("-o", required=True, metavar="MODEL.zip", help="the archive to write (atomically)")
+    p.add_argument("--license", default="unspecified", metavar="SPDX",
+                   help="the license of the weights for the model card, e.g. CC-BY-4.0 (default: unspecified; the "
+                        "terms usually follow the pretraining data's)")
     return p
 
 
 def _run(args) -> None:
-    from nnssl.sharing import export_pretrained
+    from nnssl.checkpoints import export_pretrained
 
-    card = export_pretrained(args.checkpoint, args.o)
+    card = export_pretrained(args.checkpoint, args.o, license=args.license)
     print(json.dumps(card, indent=2))
     print(f"Wrote {args.o}")
 

@@ -38,10 +38,10 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from nnssl.checkpoints import compare_plans, is_output_head, load_pretraining_checkpoint, plans_facts, unwrap_network
+from nnssl.checkpoints import (checkpoint_sha256, compare_plans, is_output_head, load_pretraining_checkpoint,
+                               plans_facts, unwrap_network)
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
-from nnssl.sharing import checkpoint_sha256
 from nnssl.training.channel_adaptation import adapt_input_channels
 from nnssl.training.pretraining_cases import leakage_check, leakage_warning
 from nnssl.ssl.base import TRANSFERS

@@ -18,19 +18,15 @@ A pretraining checkpoint is a torch file that loads with ``torch.load(path, weig
 
 A JSON copy of the metadata (everything but tensors and resume state) is written beside it.
 
-Plans check (:func:`compare_plans`): fine-tuning compares the plans facts the checkpoint was
-pretrained under with those of the fine-tuning plans. Differences that change what the network
-sees (target spacing, ``transpose_forward``, normalization schemes, ``use_mask_for_norm``, the
-intensity statistics a scheme normalizes with, e.g. CTNormalization's clipping percentiles, mean
-and std) are *refused*; the others (plans name, configuration name, data identifier, patch size,
-statistics no scheme uses) are *harmless* and only reported.
+Readers of other files (model archives, foreign pretrained formats) turn them into this dict; the
+plans check is in :mod:`nnssl.checkpoints.plans_check`, loading from a path in
+:mod:`nnssl.checkpoints.loading`.
 """
 import dataclasses
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -169,23 +165,12 @@ def publish_final(latest: str, final: str) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _load_weights_only(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise NnsslError(f"Checkpoint {path} does not exist; pass the path of a pretraining checkpoint_final.pth.")
-    from nnssl.sharing import load_checkpoint_file  # a model archive (.zip) is accepted wherever a checkpoint is
-
-    try:
-        ckpt = load_checkpoint_file(path)
-    except NnsslError:
-        raise
-    except Exception as e:  # truncated file, not a torch file, or unsafe pickled objects
-        raise NnsslError(
-            f"Checkpoint {path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). It is corrupted (e.g. an interrupted copy) or not an nnssl "
-            f"pretraining checkpoint; copy it again or rerun nnssl_pretrain.") from None
+def check_contract(ckpt, path: str) -> dict:
+    """``ckpt`` (loaded from ``path``) if it is a complete checkpoint of this contract, else NnsslError."""
     if not isinstance(ckpt, dict) or "nnssl_checkpoint_version" not in ckpt:
-        raise NnsslError(f"{path} is not an nnssl pretraining checkpoint (no 'nnssl_checkpoint_version' key); "
-                         f"use a checkpoint_final.pth written by nnssl_pretrain.")
+        raise NnsslError(f"{path} is not an nnssl pretraining checkpoint (no 'nnssl_checkpoint_version' key) nor a "
+                         f"pretrained file of a format nnssl reads; use a checkpoint_final.pth written by "
+                         f"nnssl_pretrain, a model archive, or nnssl_import_pretrained for a foreign file.")
     if ckpt["nnssl_checkpoint_version"] != CHECKPOINT_VERSION:
         raise NnsslError(f"{path} has checkpoint version {ckpt['nnssl_checkpoint_version']}, this nnssl reads "
                          f"version {CHECKPOINT_VERSION}; use a matching nnssl version.")
@@ -193,59 +178,6 @@ def _load_weights_only(path: str) -> dict:
     if missing:
         raise NnsslError(f"Checkpoint {path} is incomplete (missing {', '.join(missing)}); it is corrupted, "
                          f"rerun nnssl_pretrain to write it again.")
-    return ckpt
-
-
-def _kwargs_differences(expected: dict, found: dict):
-    exp, got = to_plain(expected), to_plain(found)
-    diffs = []
-    for k in sorted(set(exp) | set(got)):
-        if k not in got:
-            diffs.append(f"arch_kwargs['{k}'] missing in the checkpoint (expected {exp[k]!r})")
-        elif k not in exp:
-            diffs.append(f"arch_kwargs['{k}'] = {got[k]!r} in the checkpoint is not expected")
-        elif exp[k] != got[k]:
-            diffs.append(f"arch_kwargs['{k}']: checkpoint {got[k]!r}, expected {exp[k]!r}")
-    return diffs
-
-
-def load_pretraining_checkpoint(path: str, expected_architecture_class: Optional[str] = None,
-                                expected_arch_kwargs: Optional[Dict] = None,
-                                expected_input_channels: Optional[int] = None) -> dict:
-    """Load and validate a pretraining checkpoint; refuse (NnsslError) one that does not fit.
-
-    Every difference from the expectations is listed in one message.
-    """
-    ckpt = _load_weights_only(path)
-    arch = ckpt["architecture"]
-    diffs = []
-    if expected_architecture_class is not None and arch.get("network_class_name") != expected_architecture_class:
-        diffs.append(f"architecture class: checkpoint {arch.get('network_class_name')}, "
-                     f"expected {expected_architecture_class}")
-    if expected_arch_kwargs is not None:
-        diffs.extend(_kwargs_differences(expected_arch_kwargs, arch.get("arch_kwargs", {})))
-    if expected_input_channels is not None and int(ckpt["input_channels"]) != int(expected_input_channels):
-        diffs.append(f"input channels: checkpoint {ckpt['input_channels']}, expected {expected_input_channels}")
-    if diffs:
-        raise NnsslError(
-            f"Checkpoint {path} does not fit the network it should initialize: " + "; ".join(diffs) + ". "
-            f"Pretrain with the same architecture and plans as the fine-tuning (nnssl_pretrain -a ...), "
-            f"or fine-tune with the plans the checkpoint was pretrained under.")
-    return ckpt
-
-
-def load_resume_checkpoint(path: str) -> dict:
-    """A checkpoint for ``--c``: the contract plus a complete ``resume`` block, else NnsslError."""
-    try:
-        ckpt = _load_weights_only(path)
-    except NnsslError as e:
-        raise NnsslError(f"Cannot resume: {e} To start over instead, remove {os.path.dirname(path)}.") from None
-    resume = ckpt.get("resume")
-    missing = [k for k in RESUME_KEYS if not isinstance(resume, dict) or k not in resume]
-    if missing:
-        raise NnsslError(f"Cannot resume from {path}: its resume state is incomplete (missing "
-                         f"{', '.join(missing)}), the file is corrupted. Remove it (and the folder "
-                         f"{os.path.dirname(path)} to start over).")
     return ckpt
 
 
@@ -263,80 +195,3 @@ def weights_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-# Relative tolerance for float facts (spacing, intensity statistics): plans written by the same
-# planner from the same data agree exactly; a JSON round trip must not count as a difference.
-PLANS_RTOL = 1e-6
-
-
-@dataclass
-class PlansComparison:
-    """The result of :func:`compare_plans`: one line per difference, checkpoint value first."""
-    refused: List[str] = field(default_factory=list)  # change what the network sees
-    harmless: List[str] = field(default_factory=list)  # reported only
-
-    def to_dict(self) -> dict:
-        return {"refused": list(self.refused), "harmless": list(self.harmless)}
-
-
-def _close(a, b) -> bool:
-    try:
-        return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
-                                rtol=PLANS_RTOL, atol=0.0))
-    except (TypeError, ValueError):  # different lengths or non-numbers
-        return False
-
-
-def scheme_uses_intensity_statistics(scheme: str) -> bool:
-    """Whether nnU-Net's normalization ``scheme`` reads the plans' foreground intensity statistics
-    (CTNormalization and subclasses clip and scale with them; z-score and rescaling do not).
-    Unknown schemes count as using them, so a difference is refused rather than missed."""
-    from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
-
-    cls = getattr(schemes, str(scheme), None)
-    if not isinstance(cls, type) or not issubclass(cls, schemes.ImageNormalization):
-        return True
-    return issubclass(cls, schemes.CTNormalization)
-
-
-# The statistics CTNormalization reads (nnU-Net's default_normalization_schemes).
-CT_STATISTICS = ("mean", "std", "percentile_00_5", "percentile_99_5")
-
-
-def compare_plans(pretrained: dict, fine_tuning: dict) -> PlansComparison:
-    """Compare two plans facts dicts (:func:`plans_facts`; a checkpoint has the same keys).
-
-    Refused: spacing, transpose_forward, normalization schemes, use_mask_for_norm, and per channel
-    the intensity statistics its scheme uses. Harmless: plans name, configuration, data identifier,
-    patch size (the network's kwargs are compared separately, exactly), unused statistics.
-    """
-    out = PlansComparison()
-    a, b = to_plain(pretrained["normalization"]), to_plain(fine_tuning["normalization"])
-
-    def diff(kind: List[str], what: str, x, y) -> None:
-        kind.append(f"{what}: checkpoint {x!r}, fine-tuning {y!r}")
-
-    if not _close(a.get("spacing"), b.get("spacing")):
-        diff(out.refused, "spacing", a.get("spacing"), b.get("spacing"))
-    for key in ("transpose_forward", "normalization_schemes", "use_mask_for_norm"):
-        if a.get(key) != b.get(key):
-            diff(out.refused, key, a.get(key), b.get(key))
-    stats_a = a.get("foreground_intensity_properties_per_channel") or {}
-    stats_b = b.get("foreground_intensity_properties_per_channel") or {}
-    schemes = b.get("normalization_schemes") or []
-    for ch in sorted(set(stats_a) | set(stats_b), key=str):
-        sa, sb = stats_a.get(ch, {}), stats_b.get(ch, {})
-        used = int(ch) < len(schemes) and scheme_uses_intensity_statistics(schemes[int(ch)])
-        for stat in sorted(set(sa) | set(sb)):
-            if not _close(sa.get(stat), sb.get(stat)):
-                refused = used and stat in CT_STATISTICS
-                diff(out.refused if refused else out.harmless,
-                     f"channel {ch} intensity {stat}{'' if refused else ' (not used by its normalization)'}",
-                     sa.get(stat), sb.get(stat))
-    for key in ("plans_name", "configuration", "data_identifier"):
-        if pretrained.get(key) != fine_tuning.get(key):
-            diff(out.harmless, key, pretrained.get(key), fine_tuning.get(key))
-    if a.get("patch_size") != b.get("patch_size"):
-        diff(out.harmless, "patch size", a.get("patch_size"), b.get("patch_size"))
-    return out

@@ -1,0 +1,2 @@
+"""One module per foreign pretrained format; importing this package registers them all
+(:mod:`nnssl.checkpoints.foreign`)."""

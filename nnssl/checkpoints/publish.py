@@ -1,0 +1,75 @@
+"""Share pretrained models: ``nnssl_export_pretrained CHECKPOINT -o model.zip`` packs a pretraining
+checkpoint into a model archive (:mod:`nnssl.checkpoints.archive`).
+
+The model card records what made the model: the software versions (nnssl, nnunetv2, torch), a
+license (``--license``; "unspecified" unless the exporter states one: the weights' terms depend on
+the pretraining data, which nnssl cannot know) and the citation of the method's paper.
+"""
+import json
+import os
+from importlib import metadata
+
+from nnssl.checkpoints.archive import is_archive, write_archive
+from nnssl.checkpoints.loading import load_pretraining_checkpoint
+from nnssl.citations import method_citation
+from nnssl.errors import NnsslError
+
+
+UNSPECIFIED_LICENSE = "unspecified"
+
+
+def software_versions() -> dict:
+    """{"nnssl", "nnunetv2", "torch"}: the installed versions that wrote a model card."""
+    import torch
+
+    import nnssl
+
+    return {"nnssl": nnssl.__version__, "nnunetv2": metadata.version("nnunetv2"), "torch": torch.__version__}
+
+
+def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_LICENSE) -> dict:
+    """Write the model archive ``output`` (atomically) for ``checkpoint``; returns its model card."""
+    from nnssl import paths
+
+    if is_archive(checkpoint):
+        raise NnsslError(f"{checkpoint} is already a model archive; export the checkpoint_final.pth it came from.")
+    if not is_archive(output):
+        raise NnsslError(f"-o {output}: the model archive must end in .zip (e.g. -o model.zip).")
+    ckpt = load_pretraining_checkpoint(checkpoint)
+    plans_file = os.path.join(paths.preprocessed(), ckpt["dataset"], ckpt["plans_name"] + ".json")
+    if not os.path.isfile(plans_file):
+        raise NnsslError(f"The plans the checkpoint was pretrained under ({plans_file}) are missing; export on the "
+                         f"machine that pretrained it, or point nnUNet_preprocessed at its preprocessed folder.")
+    with open(plans_file, encoding="utf-8") as f:
+        plans = f.read()
+    card = {
+        "format": "nnssl model archive 1",
+        "method": ckpt["method"]["name"],
+        "architecture": ckpt["architecture"]["name"],
+        "network_class_name": ckpt["architecture"]["network_class_name"],
+        "pretraining_dataset": ckpt["dataset"],
+        "pretraining_data": ckpt["pretraining_data"],
+        "num_volumes": _volume_count(ckpt),
+        "iterations": int(ckpt["iteration"]),
+        "input_channels": int(ckpt["input_channels"]),
+        "patch_size": ckpt["normalization"]["patch_size"],
+        "spacing": ckpt["normalization"]["spacing"],
+        "normalization_schemes": ckpt["normalization"]["normalization_schemes"],
+        "transfer": ckpt["transfer"],
+        "software": software_versions(),
+        "license": license,
+        "citation": method_citation(ckpt["method"]["name"]),
+    }
+    return write_archive(output, {k: v for k, v in ckpt.items() if k != "resume"}, plans, card)
+
+
+def _volume_count(ckpt: dict):
+    """Number of preprocessed volumes the model was pretrained on (from the data manifest), if known."""
+    from nnssl.planning.pretraining_data import MANIFEST, pretraining_data_folder
+
+    folder = pretraining_data_folder(ckpt["dataset"], ckpt["pretraining_data"], ckpt["data_identifier"])
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            return int(json.load(f)["num_cases"])
+    except (OSError, ValueError, KeyError):
+        return None

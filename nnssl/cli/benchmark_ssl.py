@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 QUICK = dict(seeds=(0,), n_labeled=(1,), data=("pool",), pretrain_iterations=4, finetune_iterations=4,
              iterations_per_epoch=2, labeled_pool=1, val_cases=1, test_cases=1, unlabeled=2, shape=(16, 32, 32))
@@ -11,7 +11,7 @@ QUICK = dict(seeds=(0,), n_labeled=(1,), data=("pool",), pretrain_iterations=4, 
 def build_parser() -> argparse.ArgumentParser:
     from nnssl.benchmark_ssl import BenchmarkSettings as B
 
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_benchmark_ssl",
         description="Does SSL pretraining help, and by more than the seed-to-seed noise? For every method (default: "
                     "every registered one), pretraining data (in-task / separate pool) and label budget, fine-tunes "

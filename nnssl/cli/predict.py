@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_predict",
         description="Predict segmentations with nnU-Net's nnUNetPredictor (sliding window, Gaussian weighting, "
                     "optional mirroring). The output folder is what nnUNetv2_predict writes: one segmentation per "

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nnssl.architectures.spec import ARCHITECTURES
     from nnssl.ssl.base import METHODS
 
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_pretrain",
         description="Pretrain a segmentation network with a self-supervised method on preprocessed unlabeled "
                     "data and write $nnUNet_results/<Dataset>/nnsslPretrain__<METHOD>__<ARCH>__<PLANS>__<CONFIG>/"

@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="plans", default=None, help="plans identifier (default: the architecture's plans)")
     p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file name in each fold folder (default: checkpoint_final.pth)")
-    p.add_argument("-device", default=None, choices=["cpu", "cuda"],
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="device (default: cuda when available, else cpu); mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     p.add_argument("-step_size", type=float, default=0.5,
                    help="sliding-window step as a fraction of the patch size (default: 0.5)")

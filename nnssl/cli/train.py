@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune from a -pretrained checkpoint whose plans preprocess differently (spacing, "
                         "normalization or its intensity statistics, transpose); refused by default, with the list "
                         "of differences")
-    p.add_argument("-device", default=None, choices=["cpu", "cuda"],
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="device (default: cuda when available, else cpu); mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
     p.add_argument("--cpu_precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="on -device cpu: 'auto' (default) trains with bf16 autocast when the CPU has native bf16 "
                         "(AMX / AVX512-BF16; a tiny U-Net's iteration ~1.4x faster) and in float32 otherwise; 'fp32' "

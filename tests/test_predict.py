@@ -264,3 +264,42 @@ def test_truncated_or_nan_input_is_refused(model, inputs, monkeypatch, tmp_path)
     with pytest.raises(NnsslError, match=r"Input case 'rotated' .*contains 1 NaN and 0 infinite voxels.*nan_to_num"):
         predict(str(bad), str(out), DS, "3d_fullres", ["all"], device="cpu", npp=0, nps=0)
     assert not os.path.exists(out)
+
+
+def test_two_parts_cover_all_cases_disjointly_as_nnunet_splits_them(model, inputs, nnssl_prediction, tmp_path,
+                                                                   monkeypatch, capsys):
+    """-num_parts 2: part 0 and part 1 write into one folder; together they predict every case once,
+    split as nnUNetv2_predict splits the same folder, with the masks of the unsplit prediction."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnssl.cli.predict import main
+
+    monkeypatch.setenv("nnUNet_results", str(model["root"] / "results"))
+    folder = tmp_path / "three_cases"
+    shutil.copytree(inputs, folder)
+    shutil.copy(folder / "rotated_0000.nii.gz", folder / "another_0000.nii.gz")  # 3 cases: 2 + 1
+    cases = sorted(f[:-12] for f in os.listdir(folder))
+    assert len(cases) == 3
+    out = tmp_path / "out"
+    predicted = []
+    for part in (0, 1):
+        with pytest.raises(SystemExit) as e:
+            main(["-i", str(folder), "-o", str(out), "-d", DS, "-c", "3d_fullres", "-f", "all", "-device", "cpu",
+                  "--disable_tta", "-npp", "0", "-nps", "0", "-num_parts", "2", "-part_id", str(part)])
+        assert e.value.code == 0
+        assert f"nnssl_predict (part {part} of 0..1): {2 - part} case(s) predicted" in capsys.readouterr().out
+        predicted.append(sorted(f[:-7] for f in os.listdir(out) if f.endswith(".nii.gz")
+                                and f[:-7] not in sum(predicted, [])))
+        reference = nnUNetPredictor(device=torch.device("cpu"))
+        reference.dataset_json = {"file_ending": ".nii.gz"}
+        nnunet_lists = reference._manage_input_and_output_lists(str(folder), None, part_id=part, num_parts=2)[0]
+        assert predicted[part] == sorted(os.path.basename(c[0])[:-12] for c in nnunet_lists)
+        assert json.load(open(out / "predict_from_raw_data_args.json"))["part_id"] == part
+    assert predicted == [[cases[0], cases[2]], [cases[1]]]
+    assert not [f for f in os.listdir(out) if f.startswith(STAGING)]
+    unsplit, _ = nnssl_prediction
+    for case in ("rotated", *[c for c in cases if c not in ("rotated", "another")]):
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(unsplit / f"{case}.nii.gz"))))
+    with pytest.raises(NnsslError, match="-part_id must be in 0..1"):
+        predict(str(folder), str(out), DS, "3d_fullres", ["all"], device="cpu", num_parts=2, part_id=2)

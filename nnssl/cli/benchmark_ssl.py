@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 from nnssl.errors import NnsslError
 
 # --quick sets these (command-line dest -> value); giving one of them as well is refused.
@@ -14,7 +14,7 @@ _GIVEN = object()
 def build_parser() -> argparse.ArgumentParser:
     from nnssl.benchmark.settings import BenchmarkSettings as B
 
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_benchmark_ssl",
         description="Does SSL pretraining help, and by more than the seed-to-seed noise? For every method (default: "
                     "every registered one), pretraining data (in-task / separate pool) and label budget, fine-tunes "

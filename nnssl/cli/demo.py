@@ -3,11 +3,11 @@ import argparse
 import os
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_demo",
         description="Run nnssl end to end on synthetic BTCV-like data: generate, convert, plan and "
                     "preprocess (labeled + unlabeled), Volume Fusion pretraining (pretext.png), fine-tuning from the "

@@ -3,11 +3,11 @@ import argparse
 import json
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_export_pretrained",
         description="Write a model archive (.zip) of a pretraining checkpoint: the checkpoint (without its resume "
                     "state), its metadata, the plans it was pretrained under and a model card (method, "

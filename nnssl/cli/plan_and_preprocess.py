@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_plan_and_preprocess",
         description="Fingerprint a labeled dataset with nnU-Net, write one plans file per architecture (all "
                     "sharing one preprocessed copy of the data), preprocess the training cases, and optionally "

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nnssl.architectures.spec import ARCHITECTURES
     from nnssl.ssl.base import METHODS
 
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_pretrain",
         description="Pretrain a segmentation network with a self-supervised method on preprocessed unlabeled "
                     "data and write $nnUNet_results/<Dataset>/nnsslPretrain__<METHOD>__<ARCH>__<PLANS>__<CONFIG>/"
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch (default: 250)")
     p.add_argument("--batch_size", type=int, default=None,
                    help="global batch size (default: the method's batch_size setting, else the plans' batch size)")
-    p.add_argument("-device", "--device", choices=("cpu", "cuda"), default=None,
-                   help="device (default: cuda if available, else cpu); AMP and --compile are used on cuda only")
+    p.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None,
+                   help="device (default: cuda if available, else cpu); AMP and --compile are used on cuda only; mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
     p.add_argument("--c", dest="resume", action="store_true",
                    help="continue the run in the output folder from checkpoint_latest.pth (bit-exact on CPU)")
     p.add_argument("--seed", type=int, default=0,

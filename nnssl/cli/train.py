@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_train",
         description="Train one fold with nnU-Net's training loop; with -pretrained, inject the weights of an "
                     "nnssl_pretrain checkpoint first (a report of what was loaded is printed and written to "
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer class (default: the architecture's nnssl trainer, e.g. nnsslTrainer); "
                         "nnUNetTrainer and nnU-Net's other trainers work too")
     p.add_argument("-p", dest="plans", default=None, help="plans identifier (default: the architecture's plans)")
-    p.add_argument("-pretrained", default=None,
-                   help="pretraining checkpoint (checkpoint_final.pth of nnssl_pretrain) to initialize from")
+    p.add_argument("-pretrained", "-pretrained_weights", dest="pretrained", default=None,
+                   help="pretraining checkpoint (checkpoint_final.pth of nnssl_pretrain) to initialize from "
+                        "(-pretrained_weights: nnUNetv2_train's name for it)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's, 1000 "
                                                             "for nnU-Net's)")
     p.add_argument("--iterations_per_epoch", type=int, default=None,
@@ -38,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune from a -pretrained checkpoint whose plans preprocess differently (spacing, "
                         "normalization or its intensity statistics, transpose); refused by default, with the list "
                         "of differences")
-    p.add_argument("-device", default=None, choices=["cpu", "cuda"],
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="device (default: cuda when available, else cpu); mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
     p.add_argument("--cpu_precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="on -device cpu: 'auto' (default) trains with bf16 autocast when the CPU has native bf16 "
                         "(AMX / AVX512-BF16; a tiny U-Net's iteration ~1.4x faster) and in float32 otherwise; 'fp32' "

@@ -17,6 +17,11 @@ data that is not the scan, with exit code 0 (:func:`check_input_images`).
 Outputs are written to ``OUT/.nnssl_partial/`` and moved into ``OUT`` when complete, so an
 interrupted run never leaves a half-written segmentation; ``continue_prediction`` then predicts
 only the cases whose segmentation is missing.
+
+``num_parts`` / ``part_id`` split the cases over several processes (GPUs, machines) as
+``nnUNetv2_predict -num_parts/-part_id`` does: part ``i`` takes every ``num_parts``-th case of
+the sorted case list starting at ``i``, before already predicted cases are dropped. Each part
+stages into its own ``OUT/.nnssl_partial_part<i>/``, so parts may write into one ``OUT`` at once.
 """
 import os
 import re
@@ -158,10 +163,15 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
             folds: Sequence[Union[int, str]] = (0,), architecture: Optional[str] = None, trainer: Optional[str] = None,
             plans: Optional[str] = None, checkpoint: str = "checkpoint_final.pth", device: Optional[str] = None,
             disable_tta: bool = False, step_size: float = 0.5, npp: int = 3, nps: int = 3,
-            save_probabilities: bool = False, continue_prediction: bool = False) -> dict:
-    """Segment every case of ``input_folder`` into ``output_folder`` (nnUNetv2_predict's layout)."""
+            save_probabilities: bool = False, continue_prediction: bool = False, num_parts: int = 1,
+            part_id: int = 0) -> dict:
+    """Segment every case of ``input_folder`` (this part's share of it) into ``output_folder``
+    (nnUNetv2_predict's layout)."""
     if not 0 < step_size <= 1:
         raise NnsslError(f"-step_size must be in (0, 1] (got {step_size}).")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise NnsslError(f"-part_id must be in 0..{num_parts - 1} and -num_parts at least 1 (got -num_parts "
+                         f"{num_parts} -part_id {part_id}); for 3 parts run -part_id 0, 1 and 2.")
     folds = [f if str(f) == "all" else int(f) for f in folds]
     dev = resolve_device(device)
     ds, plans_name, trainer_name, spec = resolve_run(dataset, configuration, architecture, plans, trainer,
@@ -173,7 +183,8 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
         raise NnsslError("The output folder (-o) is the input folder (-i); choose another -o (inputs are never "
                          "modified).")
     ending = dataset_json["file_ending"]
-    todo = [c for c in cases if not (continue_prediction and os.path.isfile(os.path.join(output_folder, c + ending))
+    mine = sorted(cases)[part_id::num_parts]  # nnUNetv2_predict's split, made before finished cases are dropped
+    todo = [c for c in mine if not (continue_prediction and os.path.isfile(os.path.join(output_folder, c + ending))
                                       and (not save_probabilities or
                                            os.path.isfile(os.path.join(output_folder, c + ".npz"))))]
     check_input_images(cases, todo)
@@ -185,7 +196,7 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
         raise NnsslError(f"Configuration '{configuration}' is a cascade stage that needs the previous stage's "
                          f"predictions; use nnUNetv2_predict with -prev_stage_predictions for it.")
 
-    stage = os.path.join(output_folder, STAGING)
+    stage = os.path.join(output_folder, STAGING if num_parts == 1 else f"{STAGING}_part{part_id}")
     shutil.rmtree(stage, ignore_errors=True)  # leftovers of an interrupted run
     os.makedirs(stage)
     lists = [cases[c] for c in todo]
@@ -201,10 +212,11 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     args["list_of_lists_or_source_folder"] = os.path.abspath(input_folder)
     args["output_folder_or_list_of_truncated_output_files"] = os.path.abspath(output_folder)
     args["overwrite"] = not continue_prediction
+    args.update(num_parts=num_parts, part_id=part_id)
     write_json(args, os.path.join(output_folder, "predict_from_raw_data_args.json"))
     os.remove(args_file)
     for name in sorted(os.listdir(stage)):
         os.replace(os.path.join(stage, name), os.path.join(output_folder, name))
     os.rmdir(stage)
     return {"output_folder": output_folder, "model_folder": model_dir, "predicted": todo,
-            "skipped": [c for c in cases if c not in todo]}
+            "skipped": [c for c in mine if c not in todo]}

@@ -230,6 +230,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                        ("--val_iterations", val_iterations, 1), ("--warmup_epochs", warmup_epochs, 0),
                        ("--freeze_encoder_epochs", freeze_encoder_epochs, 0)):
         _positive(flag, v, m)
+    resolve_device(device)  # an unusable -device (e.g. mps without MPS) is refused first
     if continue_training and pretrained:
         raise NnsslError("--c continues a fine-tuning that already started from its own checkpoint; -pretrained "
                          "only applies to a fresh start. Drop one of the two.")

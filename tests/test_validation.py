@@ -77,11 +77,23 @@ def test_geometry_mismatch_names_both_values(blob_dataset, what, change, shown):
 
 
 def test_geometry_within_tolerance_passes(blob_dataset):
+    """At origin 0 the tolerance is GEOMETRY_ATOL = 1e-6 mm: a label header 5e-7 mm off passes (float32 round-off
+    in NIfTI headers is not a mismatch), 5e-6 mm off is refused."""
     img_path, lab_path = _case(blob_dataset)
     img, lab = sitk.ReadImage(img_path), sitk.ReadImage(lab_path)
-    lab.SetOrigin(tuple(o + 1e-7 for o in img.GetOrigin()))
-    sitk.WriteImage(lab, lab_path)
-    V.validate_raw_dataset(blob_dataset, full=False, progress=False)
+    assert img.GetOrigin() == (0.0, 0.0, 0.0)
+    for offset in (5e-7, 5e-6):
+        lab.SetOrigin((offset, offset, offset))
+        sitk.WriteImage(lab, lab_path)
+        written = sitk.ReadImage(lab_path).GetOrigin()
+        assert written != img.GetOrigin() and all(abs(abs(w) - offset) < 1e-3 * offset for w in written)
+        if offset < V.GEOMETRY_ATOL:
+            out = V.validate_raw_dataset(blob_dataset, full=False, progress=False)
+            assert out["cases"] == [f"case_{i:03d}" for i in range(4)]  # the case is accepted, not dropped
+        else:
+            with pytest.raises(NnsslError, match=r"case_001.nii.gz' has origin .* but '.*case_001_0000.nii.gz' has "
+                                                  r"origin \(0, 0, 0\)"):
+                V.validate_raw_dataset(blob_dataset, full=False, progress=False)
 
 
 def test_label_values_checked_only_when_full(blob_dataset):

@@ -13,6 +13,8 @@ Stages (what ``nnssl_plan_and_preprocess`` runs):
 With ``part``/``total_parts`` only stage 4 runs, on that part's cases: the plans must
 already exist (``--no_pp`` makes them), so the jobs of a cluster array never race on them.
 """
+import functools
+import inspect
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -21,7 +23,7 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnssl import datasets, paths
+from nnssl import datasets, locks, paths
 from nnssl.architectures import ARCHITECTURES
 from nnssl.dataset_conversion.validation import validate_raw_dataset
 from nnssl.errors import NnsslError
@@ -33,6 +35,30 @@ from nnssl.planning.pretraining_data import (INTASK, check_source, is_own_images
 DEFAULT_CONFIGURATIONS = ("3d_fullres",)
 
 
+def _one_writer(fn):
+    """Run ``fn`` as the only writer of ``nnUNet_preprocessed/<Dataset>`` (:mod:`nnssl.locks`).
+
+    The ``--part`` jobs of a cluster array write disjoint cases and run together: each holds its
+    own lock, and a whole-dataset run and a part run exclude each other."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        part, total_parts = bound.get("part"), bound.get("total_parts")
+        paths.ensure_paths()
+        folder = os.path.join(paths.preprocessed(), datasets.resolve(bound["dataset"], where=("raw",)))
+        what = f"The preprocessed dataset {folder}"
+        name = locks.LOCK_NAME if part is None else f".nnssl.part-{part}-of-{total_parts}.lock"
+        with locks.exclusive(folder, what, name):
+            others = ([os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith(".nnssl.part-")]
+                      if part is None else [os.path.join(folder, locks.LOCK_NAME)])
+            locks.refuse_if_locked(others, what)
+            return fn(*args, **kwargs)
+    return locked
+
+
+@_one_writer
 def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet",),
                         pretraining: Sequence[str] = (), configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
                         num_processes: Optional[int] = None, part: Optional[int] = None,

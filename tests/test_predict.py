@@ -303,3 +303,20 @@ def test_two_parts_cover_all_cases_disjointly_as_nnunet_splits_them(model, input
                               sitk.GetArrayFromImage(sitk.ReadImage(str(unsplit / f"{case}.nii.gz"))))
     with pytest.raises(NnsslError, match="-part_id must be in 0..1"):
         predict(str(folder), str(out), DS, "3d_fullres", ["all"], device="cpu", num_parts=2, part_id=2)
+
+
+def test_second_writer_of_an_output_folder_is_refused(model, inputs, tmp_path, capsys):
+    """Before: the second run deleted the first one's staging folder and the first died in ITK."""
+    from test_locks import write_lock
+    from nnssl.cli.predict import main
+
+    out = tmp_path / "o"
+    write_lock(str(out), os.getpid())
+    os.makedirs(out / STAGING)
+    (out / STAGING / "case_004.nii.gz").write_bytes(b"being written")  # the other run's work
+    with pytest.raises(SystemExit) as e:
+        main(["-i", str(inputs), "-o", str(out), "-d", "Blobs", "-c", "3d_fullres", "-f", "all", "-device", "cpu",
+              "--disable_tta", "-npp", "0", "-nps", "0"])
+    assert e.value.code == 2
+    assert f"The prediction folder (-o) {out} is being written by another run" in capsys.readouterr().err
+    assert (out / STAGING / "case_004.nii.gz").read_bytes() == b"being written"

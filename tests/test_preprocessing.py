@@ -10,6 +10,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from conftest import write_raw_dataset
+from test_locks import dead_pid, write_lock
 from nnssl.cli.plan_and_preprocess import main
 from nnssl.errors import NnsslError
 from nnssl.planning.api import plan_and_preprocess
@@ -157,7 +158,9 @@ def test_parts_give_the_same_files_as_one_run(env):
         os.rename(os.path.join(env, d), moved)
         os.remove(os.path.join(env, d + ".nnssl_signature.json"))
 
+    part1 = write_lock(env, os.getpid(), name=".nnssl.part-1-of-2.lock")  # parts run together
     run(pretraining=["intask"], part=0, total_parts=2)
+    os.remove(part1)
     assert nnUNetDatasetBlosc2(os.path.join(env, DATA)).identifiers == ["case_000", "case_002"]
     assert nnUNetDatasetBlosc2(os.path.join(env, f"nnsslPretrain__intask__{DATA}")).identifiers == \
            ["case_000", "case_002"]
@@ -213,6 +216,28 @@ def test_data_from_other_plans_is_not_resumed(env):
         run(part=0, total_parts=1)
     with pytest.raises(NnsslError, match="other plans"):
         find_pretraining_data(DS, "intask", DATA)
+
+
+def test_one_writer_per_preprocessed_dataset(env, capsys):
+    """Before: two runs preprocessed into one folder and the loser blamed an input file."""
+    argv = ["-d", "Blobs", "-np", "1", "--no_pbar"]
+    for lock, argv_extra in ((".nnssl.lock", []), (".nnssl.lock", ["--part", "0", "--total_parts", "2"]),
+                             (".nnssl.part-1-of-2.lock", [])):
+        path = write_lock(env, os.getpid(), name=lock)
+        with pytest.raises(SystemExit) as e:
+            main(argv + argv_extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"The preprocessed dataset {env} is being written by another run: process {os.getpid()}" in err
+        assert f"holds {path}" in err
+        os.remove(path)
+    assert not os.path.exists(os.path.join(env, DATA))  # nothing was preprocessed
+    pid = dead_pid()
+    path = write_lock(env, pid)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"stale lock {path}: process {pid}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -16,12 +16,15 @@ data that is not the scan, with exit code 0 (:func:`check_input_images`).
 
 Outputs are written to ``OUT/.nnssl_partial/`` and moved into ``OUT`` when complete, so an
 interrupted run never leaves a half-written segmentation; ``continue_prediction`` then predicts
-only the cases whose segmentation is missing.
+only the cases whose segmentation is missing. ``OUT`` has one writer at a time (``OUT/.nnssl.lock``,
+:mod:`nnssl.locks`): a second run into it is refused instead of deleting the first one's staging
+folder.
 
 ``num_parts`` / ``part_id`` split the cases over several processes (GPUs, machines) as
 ``nnUNetv2_predict -num_parts/-part_id`` does: part ``i`` takes every ``num_parts``-th case of
 the sorted case list starting at ``i``, before already predicted cases are dropped. Each part
-stages into its own ``OUT/.nnssl_partial_part<i>/``, so parts may write into one ``OUT`` at once.
+stages into its own ``OUT/.nnssl_partial_part<i>/`` and holds its own lock, so the parts may
+write into one ``OUT`` at once.
 """
 import os
 import re
@@ -36,6 +39,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnssl import locks
 from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
@@ -188,7 +192,21 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
                                       and (not save_probabilities or
                                            os.path.isfile(os.path.join(output_folder, c + ".npz"))))]
     check_input_images(cases, todo)
+    # one writer per part: parts of one -num_parts split may share -o (their cases and staging folders differ)
+    lock = locks.LOCK_NAME if num_parts == 1 else f"{locks.LOCK_NAME}_part{part_id}"
+    with locks.exclusive(output_folder, f"The prediction folder (-o) {output_folder}", lock):
+        _predict_into(output_folder, input_folder, model_dir, configuration, folds, checkpoint,
+                      [cases[c] for c in todo], dev, disable_tta, step_size, npp, nps, save_probabilities,
+                      continue_prediction, num_parts, part_id)
+    return {"output_folder": output_folder, "model_folder": model_dir, "predicted": todo,
+            "skipped": [c for c in mine if c not in todo]}
 
+
+def _predict_into(output_folder: str, input_folder: str, model_dir: str, configuration: str, folds: List,
+                  checkpoint: str, lists: List[List[str]], dev: torch.device, disable_tta: bool, step_size: float,
+                  npp: int, nps: int, save_probabilities: bool, continue_prediction: bool, num_parts: int = 1,
+                  part_id: int = 0) -> None:
+    """Predict the channel-file ``lists`` into ``output_folder`` (whose lock this run holds) via the staging folder."""
     predictor = nnsslPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                perform_everything_on_device=dev.type == "cuda", device=dev, allow_tqdm=True)
     predictor.initialize_from_trained_model_folder(model_dir, folds, checkpoint)
@@ -199,7 +217,6 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     stage = os.path.join(output_folder, STAGING if num_parts == 1 else f"{STAGING}_part{part_id}")
     shutil.rmtree(stage, ignore_errors=True)  # leftovers of an interrupted run
     os.makedirs(stage)
-    lists = [cases[c] for c in todo]
     if npp == 0 and nps == 0:
         predictor.predict_from_files_sequential(lists, stage, save_probabilities=save_probabilities)
     else:
@@ -218,5 +235,3 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     for name in sorted(os.listdir(stage)):
         os.replace(os.path.join(stage, name), os.path.join(output_folder, name))
     os.rmdir(stage)
-    return {"output_folder": output_folder, "model_folder": model_dir, "predicted": todo,
-            "skipped": [c for c in mine if c not in todo]}

@@ -16,6 +16,8 @@ A method is three things (the lightly/MAE pattern):
 Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
 overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
 """
+import dataclasses
+import math
 from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -160,9 +162,55 @@ METHODS: Registry[type] = Registry("SSL method", "-m")
 TRANSFERS = ("encoder", "encoder+decoder")  # what a config's / checkpoint's `transfer` may say
 
 
+# Valid ranges of numeric config fields (ints, floats and tuples of them), by field name: every
+# value must be finite; intensities may be negative, shares and probabilities lie in [0, 1],
+# rates, lengths and sizes are positive, all other numbers (weights, counts, ...) non-negative.
+SIGNED_FIELDS = frozenset({"mask_value", "noise_low", "noise_high"})
+POSITIVE_FIELDS = frozenset({"lr", "iterations", "batch_size", "temperature", "lr_gamma", "grad_clip", "K"})
+_UNIT_SUFFIXES = ("_prob", "_ratio", "_fraction", "dropout")
+
+
+def numeric_range(name: str) -> Tuple[float, float, bool, str]:
+    """(low, high, low exclusive, description) of the numeric config field ``name``."""
+    if name in SIGNED_FIELDS:
+        return -math.inf, math.inf, False, "any finite number"
+    if name.endswith(_UNIT_SUFFIXES) or name == "tau_base":
+        return 0.0, 1.0, False, "in [0, 1]"
+    if name in POSITIVE_FIELDS or "size" in name:
+        return 0.0, math.inf, True, "> 0"
+    return 0.0, math.inf, False, ">= 0"
+
+
+def _numbers(value) -> Optional[List[float]]:
+    """The numbers of a numeric field value (a number or a tuple/list of numbers); None otherwise."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        return None
+    return [float(v) for v in items]
+
+
+def check_numeric_fields(method: str, cfg) -> None:
+    """Refuse (NnsslError) a NaN/Inf or out-of-range number in any field of a method config
+    (``--set lr=-1`` / ``lr=nan`` would otherwise end in a traceback of torch's optimizer)."""
+    from nnssl.errors import NnsslError
+
+    fields = {f.name: _numbers(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    for name, values in fields.items():
+        low, high, open_low, text = numeric_range(name)
+        if not all(math.isfinite(v) and (v > low if open_low else v >= low) and v <= high for v in values):
+            groups: Dict[str, List[str]] = {}
+            for k in fields:
+                groups.setdefault(numeric_range(k)[3], []).append(k)
+            listing = "; ".join(f"{desc}: {', '.join(names)}" for desc, names in groups.items())
+            raise NnsslError(f"{method}: {name}={getattr(cfg, name)!r} is not valid: it must be {text} (and finite). "
+                             f"Fix it with --set {name}=VALUE. Valid ranges of the numeric {method} settings -- "
+                             f"{listing}.")
+
+
 def check_common_fields(method: str, cfg) -> None:
     """Refuse (NnsslError) a bad ``transfer`` or ``grad_clip`` field of a method config (fields every
-    method config has: SPEC §5)."""
+    method config has: SPEC §5) and any number out of its range (:func:`check_numeric_fields`)."""
     from nnssl.errors import NnsslError
 
     if cfg.transfer not in TRANSFERS:
@@ -171,6 +219,7 @@ def check_common_fields(method: str, cfg) -> None:
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise NnsslError(f"{method}: grad_clip={cfg.grad_clip} must be > 0 (a max gradient norm) or none (no "
                          f"clipping); fix it with --set grad_clip=none.")
+    check_numeric_fields(method, cfg)
 
 
 def compatible_architectures(method: str) -> List[str]:

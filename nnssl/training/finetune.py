@@ -13,6 +13,7 @@ Results land where nnU-Net puts them:
 options of this fold, reused by ``--c`` / ``--val`` for flags not given again) and, with
 ``-pretrained``, ``nnssl_pretrained.json`` (see ``injection.py``).
 """
+import json
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
@@ -44,13 +45,20 @@ class RunOptions:
                              else saved.get(f.name) for f in fields(self)})
 
 
+FOLD_RANGE = ("Fold '{fold}': fold must be 0–4 or all (nnU-Net's 5-fold cross-validation; 'all' trains on every "
+              "case; a splits_final.json with more folds allows more).")
+
+
 def _fold(fold: Union[int, str]) -> Union[int, str]:
     if str(fold) == "all":
         return "all"
     try:
-        return int(fold)
+        value = int(fold)
     except ValueError:
-        raise NnsslError(f"Fold '{fold}' is not a number or 'all'; nnU-Net folds are 0-4 (or 'all').") from None
+        value = -1
+    if value < 0:
+        raise NnsslError(FOLD_RANGE.format(fold=fold))
+    return value
 
 
 def fold_folder(ds: str, trainer_name: str, plans_name: str, configuration: str, fold=None) -> str:
@@ -114,8 +122,18 @@ def _check_fold_possible(ds: str, plans: dict, configuration: str, fold) -> None
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     base = os.path.join(paths.preprocessed(), ds)
-    if fold == "all" or os.path.isfile(os.path.join(base, "splits_final.json")):
+    splits = os.path.join(base, "splits_final.json")
+    if fold == "all":
         return
+    if os.path.isfile(splits):
+        with open(splits, encoding="utf-8") as f:
+            n_folds = len(json.load(f))
+        if fold >= n_folds:  # nnU-Net would silently train on a random 80:20 split instead
+            raise NnsslError(f"Fold '{fold}': {splits} has {n_folds} fold(s), so fold must be 0–{n_folds - 1} "
+                             f"or all.")
+        return
+    if fold > 4:
+        raise NnsslError(FOLD_RANGE.format(fold=fold))
     data_dir = os.path.join(base, plans["configurations"][configuration]["data_identifier"])
     n = len(infer_dataset_class(data_dir).get_identifiers(data_dir))
     if n < 5:
@@ -252,6 +270,9 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
         resume_from = os.path.join(probe, "checkpoint_final.pth")
         if not os.path.isfile(resume_from):
             raise NnsslError(f"--val needs a finished training ({resume_from} is missing). Train first, without --val.")
+    elif os.path.isfile(os.path.join(probe, "checkpoint_final.pth")):
+        print(f"nnssl_train: fold {fold} is already trained; training it again from the start overwrites "
+              f"{os.path.join(probe, 'checkpoint_final.pth')} (as nnUNetv2_train does; --c continues it instead).")
 
     run = build_trainer(dataset, configuration, fold, architecture, trainer, plans, device,
                         continue_training=resume_from is not None)

@@ -38,6 +38,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from nnssl import paths
 from nnssl.checkpoints import (checkpoint_sha256, compare_plans, is_output_head, load_pretraining_checkpoint,
                                plans_facts, unwrap_network)
 from nnssl.errors import NnsslError
@@ -172,9 +173,9 @@ def check_plans(ckpt: dict, checkpoint_path: str, plans_manager, configuration: 
         raise NnsslError(
             f"Checkpoint {checkpoint_path} was pretrained on images preprocessed differently from the fine-tuning "
             f"plans '{plans_manager.plans_name}' ({configuration}): " + "; ".join(comparison.refused) + ". The "
-            f"pretrained weights would see other intensities or voxel sizes than they learned on. Fine-tune with "
-            f"the plans it was pretrained under (-p {ckpt['plans_name']}), or pass --allow_plans_mismatch to "
-            f"fine-tune anyway." + harmless)
+            f"pretrained weights would see other intensities or voxel sizes than they learned on. "
+            f"{_fitting_plans_hint(ckpt, checkpoint_path, plans_manager.dataset_name, configuration)}, or pass "
+            f"--allow_plans_mismatch to fine-tune anyway." + harmless)
     return comparison
 
 
@@ -192,6 +193,26 @@ def check_leakage(trainer, ckpt: dict, checkpoint_path: str) -> dict:
         trainer.print_to_log_file(f"nnssl: pretraining cases in the validation cases: "
                                   f"{'none' if overlap == [] else 'unknown'} ({result['pretraining_cases_check']})")
     return result
+
+
+def _fitting_plans_hint(ckpt: dict, checkpoint_path: str, dataset: str, configuration: str) -> str:
+    """Name plans of ``dataset`` that preprocess like the checkpoint, or the command that writes them."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = os.path.join(paths.preprocessed(), dataset)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        try:
+            pm = PlansManager(os.path.join(folder, name))
+            fits = configuration in pm.available_configurations and not compare_plans(
+                ckpt, plans_facts(pm, configuration)).refused
+        except (OSError, KeyError, TypeError, ValueError, AttributeError, AssertionError):
+            continue  # dataset.json, the fingerprint, splits and other files that are no plans
+        if fits:
+            return f"Fine-tune with {dataset}'s plans that match it (-p {pm.plans_name})"
+    return (f"No plans of {dataset} match it: write some with `nnssl_plan_and_preprocess -d {dataset} --like "
+            f"{checkpoint_path}` and fine-tune with the -p it prints")
 
 
 def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool = False) -> InjectionReport:

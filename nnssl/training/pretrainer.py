@@ -11,12 +11,13 @@ DDP: under ``torchrun`` (WORLD_SIZE > 1) every process trains on its own data (i
 the batch rng key); the batch size is global and each process gets ``batch_size / world_size``
 samples; rank 0 writes checkpoints and logs; at the end the ranks check that their weights agree.
 """
+import contextlib
 import dataclasses
 import math
 import os
 import time
 from collections import defaultdict
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from nnssl import paths
+from nnssl import locks, paths
 from nnssl.checkpoints import (checkpoint_metadata, load_resume_checkpoint, publish_final, restore_network,
                                save_pretraining_checkpoint, split_network_state, to_plain, weights_sha256)
 from nnssl.devices import resolve_device
@@ -42,6 +43,14 @@ DEFAULT_ITERATIONS = 100_000
 DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 1e-4, 1e-5  # AdamW defaults when a method sets no optimizer fields
 DEFAULT_GRAD_CLIP = 12.0  # nnU-Net's max gradient norm
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
+
+
+def changed_keys(saved, now, key: str) -> List[str]:
+    """``"key.sub: checkpoint X, now Y"`` for each leaf that differs (not two whole config dicts)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in changed_keys(saved.get(k, "(absent)"), now.get(k, "(absent)"), f"{key}.{k}")]
+    return [] if saved == now else [f"{key}: checkpoint {saved!r}, now {now!r}"]
 
 
 def output_folder_for(setup: PretrainSetup) -> str:
@@ -136,9 +145,8 @@ class Pretrainer:
         # --iterations may grow on --c (it is mirrored in a method's `iterations` field, if any)
         for meta in (ckpt, mine):
             meta["method"]["config"].pop("iterations", None)
-        diffs = [f"{k}: checkpoint {ckpt[k]!r}, now {mine[k]!r}" for k in
-                 ("architecture", "plans_name", "configuration", "input_channels", "method", "pretraining_data",
-                  "seed") if to_plain(ckpt[k]) != mine[k]]
+        diffs = [d for k in ("architecture", "plans_name", "configuration", "input_channels", "method",
+                             "pretraining_data", "seed") for d in changed_keys(to_plain(ckpt[k]), mine[k], k)]
         if ckpt.get("pretraining_cases_sha256", mine["pretraining_cases_sha256"]) != mine["pretraining_cases_sha256"]:
             diffs.append(f"pretraining cases: checkpoint {ckpt.get('pretraining_cases_count')}, now "
                          f"{mine['pretraining_cases_count']} (another --fold or changed pretraining data)")
@@ -311,46 +319,56 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
             from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
             num_workers = get_allowed_n_proc_DA()
         folder = os.path.abspath(output_folder or output_folder_for(setup))
-        existing = [p for p in (os.path.join(folder, LATEST), os.path.join(folder, FINAL)) if os.path.isfile(p)]
-        if resume and not existing:
-            raise NnsslError(f"--c was given but {folder} has no {LATEST} or {FINAL} to resume from; "
-                             f"run without --c to start a new pretraining.")
-        if not resume and existing:
-            raise NnsslError(f"{folder} already holds a pretraining ({os.path.basename(existing[0])}). Pass --c to "
-                             f"continue it (with a larger --iterations to train longer), or remove the folder "
-                             f"(or choose another with -o) to start over. Nothing was overwritten.")
-        # built before the folder exists: a bad optimizer/schedule setting leaves nothing behind
-        trainer = Pretrainer(setup, folder, total, iterations_per_epoch, dev, seed, num_workers, compile_network,
-                             rank, world)
-        if world > 1:  # nobody writes before every rank has checked the folder
-            dist.barrier()
-        os.makedirs(folder, exist_ok=True)
-        if resume:
-            trainer.load(existing[0])
-        trainer.write_config(world, num_workers)
-        if trainer.iteration >= total:
-            trainer.log.log(f"Already trained {trainer.iteration} of {total} iterations; pass a larger --iterations "
-                            f"with --c to train longer.")
-            if trainer.is_main and not os.path.isfile(os.path.join(folder, FINAL)):
-                trainer.save(FINAL)
-            return folder
-        n_params = sum(p.numel() for p in trainer.params)
-        trainer.log.log(f"Pretraining {setup.method_name} on {setup.arch.name} ({n_params} trained parameters), "
-                        f"data {setup.source} ({setup.data_folder}), crop {list(setup.crop_size)}, batch "
-                        f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
-                        f"{num_workers} data workers, config {to_plain(setup.cfg)}")
-        trainer.log.log(setup.crop_choice.describe())
-        fold_note = "" if setup.fold is None else f" (fold {setup.fold}'s training cases)"
-        trainer.log.log(f"Pretraining cases: {len(setup.cases)}{fold_note}, sha256 "
-                        f"{trainer.metadata()['pretraining_cases_sha256'][:16]}... (the list is in config.json)")
-        if setup.includes_test_images:
-            trainer.log.log(f"WARNING: the pretraining data holds {setup.target}'s imagesTs (--intask_include_test): "
-                            f"test results on them are not independent of this pretraining.")
-        trainer.log.log(trainer.schedule.describe())
-        clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
-        trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")
-        trainer.run()
-        return folder
+        # rank 0 speaks for the run (under torchrun, a refused rank 0 stops the other ranks too)
+        with locks.exclusive(folder, f"The pretraining folder {folder}") if rank == 0 else contextlib.nullcontext():
+            return _train_in(folder, setup, resume, total, iterations_per_epoch, dev, seed, num_workers,
+                             compile_network, rank, world)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, iterations_per_epoch: int, dev, seed: int,
+              num_workers: int, compile_network: bool, rank: int, world: int) -> str:
+    """Train (or resume) in ``folder``, which this run holds the lock of."""
+    existing = [p for p in (os.path.join(folder, LATEST), os.path.join(folder, FINAL)) if os.path.isfile(p)]
+    if resume and not existing:
+        raise NnsslError(f"--c was given but {folder} has no {LATEST} or {FINAL} to resume from; "
+                         f"run without --c to start a new pretraining.")
+    if not resume and existing:
+        raise NnsslError(f"{folder} already holds a pretraining ({os.path.basename(existing[0])}). Pass --c to "
+                         f"continue it (with a larger --iterations to train longer), or remove the folder "
+                         f"(or choose another with -o) to start over. Nothing was overwritten.")
+    # built before anything is written: a bad optimizer/schedule setting leaves nothing behind (the folder
+    # made for the lock alone is removed again)
+    trainer = Pretrainer(setup, folder, total, iterations_per_epoch, dev, seed, num_workers, compile_network,
+                         rank, world)
+    if world > 1:  # nobody writes before every rank has checked the folder
+        dist.barrier()
+    os.makedirs(folder, exist_ok=True)
+    if resume:
+        trainer.load(existing[0])
+    trainer.write_config(world, num_workers)
+    if trainer.iteration >= total:
+        trainer.log.log(f"Already trained {trainer.iteration} of {total} iterations; pass a larger --iterations "
+                        f"with --c to train longer.")
+        if trainer.is_main and not os.path.isfile(os.path.join(folder, FINAL)):
+            trainer.save(FINAL)
+        return folder
+    n_params = sum(p.numel() for p in trainer.params)
+    trainer.log.log(f"Pretraining {setup.method_name} on {setup.arch.name} ({n_params} trained parameters), "
+                    f"data {setup.source} ({setup.data_folder}), crop {list(setup.crop_size)}, batch "
+                    f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
+                    f"{num_workers} data workers, config {to_plain(setup.cfg)}")
+    trainer.log.log(setup.crop_choice.describe())
+    fold_note = "" if setup.fold is None else f" (fold {setup.fold}'s training cases)"
+    trainer.log.log(f"Pretraining cases: {len(setup.cases)}{fold_note}, sha256 "
+                    f"{trainer.metadata()['pretraining_cases_sha256'][:16]}... (the list is in config.json)")
+    if setup.includes_test_images:
+        trainer.log.log(f"WARNING: the pretraining data holds {setup.target}'s imagesTs (--intask_include_test): "
+                        f"test results on them are not independent of this pretraining.")
+    trainer.log.log(trainer.schedule.describe())
+    clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
+    trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")
+    trainer.run()
+    return folder

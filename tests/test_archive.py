@@ -10,25 +10,8 @@ import pytest
 import torch
 
 from conftest import write_raw_dataset
+from foreign_finetune import native_checkpoint
 from nnssl.errors import NnsslError
-
-
-def native_checkpoint(dataset="Dataset001_Blobs"):
-    """A complete contract dict for a tiny plainconvunet (weights as initialized)."""
-    from nnssl.architectures import build_network
-    from nnssl.architectures.spec import ARCHITECTURES
-
-    planner = ARCHITECTURES.get("plainconvunet").planner_class().without_dataset(1, 2, preset="tiny")
-    block = planner.network_for_patch((16, 16, 16))
-    net = build_network("plainconvunet", (16, 16, 16), 1, 2, preset="tiny")
-    weights = {k: v for k, v in net.state_dict().items() if ".seg_layers." not in k}
-    return {"nnssl_checkpoint_version": 1, "architecture": {"name": "plainconvunet", **block},
-            "plans_name": "nnUNetPlans", "configuration": "3d_fullres", "data_identifier": "nnUNetPlans_3d_fullres",
-            "normalization": {"normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-                              "foreground_intensity_properties_per_channel": {}, "spacing": [1.0, 1.0, 1.0],
-                              "patch_size": [16, 16, 16], "transpose_forward": [0, 1, 2]},
-            "input_channels": 1, "method": {"name": "volume_fusion", "config": {}}, "pretraining_data": "intask",
-            "dataset": dataset, "iteration": 2, "transfer": "encoder", "seed": 0, "network_weights": weights}
 
 
 @pytest.fixture

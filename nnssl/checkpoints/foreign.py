@@ -4,11 +4,15 @@ allows, written from) the native checkpoint contract (:mod:`nnssl.checkpoints.co
 A format is one module in ``nnssl/checkpoints/formats/`` that calls :func:`register_format`
 (imported by ``formats/__init__.py``). Its ``detect`` looks at the object ``torch.load(...,
 weights_only=True)`` returned and says whether the layout is its own; ``to_native`` turns it into
-a complete contract dict (``network_weights`` under the nnssl network's names, the architecture
-block, the plans facts the format states, ``method`` naming where it came from).
+a complete contract dict: ``network_weights`` under the nnssl network's names, the architecture
+block, the plans facts the format states, ``method`` = {"name": the format's name, "config":
+{"source": what the file says about its origin}}; ``iteration`` and ``seed`` are -1 where the
+format does not record them. ``from_native`` (optional) writes a contract dict in the format.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
+
+UNKNOWN = -1  # iteration / seed a foreign format does not record
 
 from nnssl.errors import NnsslError
 
@@ -19,6 +23,7 @@ class ForeignFormat:
     description: str  # one line: whose files, which network
     detect: Callable[[object], bool]  # loaded object -> is it this layout
     to_native: Callable[[object, str], dict]  # (loaded object, path) -> contract dict
+    from_native: Optional[Callable[..., dict]] = None  # (contract dict, plans dict) -> the format's torch object
 
 
 FORMATS: Dict[str, ForeignFormat] = {}

@@ -12,6 +12,7 @@ A path is read as
 import hashlib
 import io
 import os
+import pydoc
 from typing import Dict, Optional
 
 import torch
@@ -59,6 +60,15 @@ def checkpoint_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _same_torch_class(a, b) -> bool:
+    """'torch.nn.LeakyReLU' and 'torch.nn.modules.activation.LeakyReLU' name one class (nnU-Net's
+    planners and other writers spell them differently); only torch.nn names are resolved."""
+    if not (isinstance(a, str) and isinstance(b, str) and a.startswith("torch.nn.") and b.startswith("torch.nn.")):
+        return False
+    found = pydoc.locate(a)
+    return found is not None and found is pydoc.locate(b)
+
+
 def _kwargs_differences(expected: dict, found: dict):
     exp, got = to_plain(expected), to_plain(found)
     diffs = []
@@ -67,7 +77,7 @@ def _kwargs_differences(expected: dict, found: dict):
             diffs.append(f"arch_kwargs['{k}'] missing in the checkpoint (expected {exp[k]!r})")
         elif k not in exp:
             diffs.append(f"arch_kwargs['{k}'] = {got[k]!r} in the checkpoint is not expected")
-        elif exp[k] != got[k]:
+        elif exp[k] != got[k] and not _same_torch_class(exp[k], got[k]):
             diffs.append(f"arch_kwargs['{k}']: checkpoint {got[k]!r}, expected {exp[k]!r}")
     return diffs
 

@@ -8,11 +8,15 @@ the pretraining data, which nnssl cannot know) and the citation of the method's 
 import json
 import os
 from importlib import metadata
+from typing import Optional
+
+import torch
 
 from nnssl.checkpoints.archive import is_archive, write_archive
 from nnssl.checkpoints.loading import load_pretraining_checkpoint
 from nnssl.citations import method_citation
 from nnssl.errors import NnsslError
+from nnssl.io import atomic_path
 
 
 UNSPECIFIED_LICENSE = "unspecified"
@@ -20,30 +24,14 @@ UNSPECIFIED_LICENSE = "unspecified"
 
 def software_versions() -> dict:
     """{"nnssl", "nnunetv2", "torch"}: the installed versions that wrote a model card."""
-    import torch
-
     import nnssl
 
     return {"nnssl": nnssl.__version__, "nnunetv2": metadata.version("nnunetv2"), "torch": torch.__version__}
 
 
-def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_LICENSE) -> dict:
-    """Write the model archive ``output`` (atomically) for ``checkpoint``; returns its model card."""
-    from nnssl import paths
-
-    if is_archive(checkpoint):
-        raise NnsslError(f"{checkpoint} is already a model archive; export the checkpoint_final.pth it came from.")
-    if not is_archive(output):
-        raise NnsslError(f"-o {output}: the model archive must end in .zip (e.g. -o model.zip).")
-    ckpt = load_pretraining_checkpoint(checkpoint)
-    plans_file = os.path.join(paths.preprocessed(), ckpt["dataset"], ckpt["plans_name"] + ".json")
-    if not os.path.isfile(plans_file):
-        raise NnsslError(f"The plans the checkpoint was pretrained under ({plans_file}) are missing; export on the "
-                         f"machine that pretrained it, or point nnUNet_preprocessed at its preprocessed folder.")
-    with open(plans_file, encoding="utf-8") as f:
-        plans = f.read()
-    card = {
-        "format": "nnssl model archive 1",
+def model_card(ckpt: dict, license: str) -> dict:
+    """The model card fields a contract dict gives (the archive adds format, hashes, time)."""
+    return {
         "method": ckpt["method"]["name"],
         "architecture": ckpt["architecture"]["name"],
         "network_class_name": ckpt["architecture"]["network_class_name"],
@@ -60,7 +48,54 @@ def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_L
         "license": license,
         "citation": method_citation(ckpt["method"]["name"]),
     }
-    return write_archive(output, {k: v for k, v in ckpt.items() if k != "resume"}, plans, card)
+
+
+def with_nnunet_plan(ckpt: dict, plans: dict) -> dict:
+    """``ckpt`` plus the ``nnssl_adaptation_plan`` nnU-Net master reads, where its trainer can build the
+    architecture (plainconvunet, resenc, resenc_l); else ``ckpt`` unchanged."""
+    from nnssl.checkpoints.formats import openmind
+
+    if ckpt["architecture"]["name"] not in openmind.WRITABLE:
+        return ckpt
+    return openmind.from_native(ckpt, plans)
+
+
+def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_LICENSE,
+                      format: Optional[str] = None) -> dict:
+    """Write the model archive ``output`` (atomically) for ``checkpoint``; returns its model card.
+
+    The checkpoint inside carries an ``nnssl_adaptation_plan`` for the architectures nnU-Net master's
+    ``PretrainedTrainer`` builds. ``format="nnunet"``: write that checkpoint alone to ``output``
+    (``.pth``, what ``nnUNetv2_preprocess_like_nnssl -pc`` takes; nnssl reads it too); returns
+    its adaptation plan.
+    """
+    from nnssl import paths
+
+    if format not in (None, "nnunet"):
+        raise NnsslError(f"--format {format}: nnssl_export_pretrained writes 'nnunet' (a .pth for nnU-Net's "
+                         f"like_nnssl) or, without --format, a model archive (.zip).")
+    if is_archive(checkpoint):
+        raise NnsslError(f"{checkpoint} is already a model archive; export the checkpoint_final.pth it came from.")
+    if format == "nnunet" and not str(output).endswith(".pth"):
+        raise NnsslError(f"-o {output}: --format nnunet writes one checkpoint file; name it .pth (e.g. -o model.pth).")
+    if format is None and not is_archive(output):
+        raise NnsslError(f"-o {output}: the model archive must end in .zip (e.g. -o model.zip).")
+    ckpt = load_pretraining_checkpoint(checkpoint)
+    plans_file = os.path.join(paths.preprocessed(), ckpt["dataset"], ckpt["plans_name"] + ".json")
+    if not os.path.isfile(plans_file):
+        raise NnsslError(f"The plans the checkpoint was pretrained under ({plans_file}) are missing; export on the "
+                         f"machine that pretrained it, or point nnUNet_preprocessed at its preprocessed folder.")
+    with open(plans_file, encoding="utf-8") as f:
+        plans = f.read()
+    base = {k: v for k, v in ckpt.items() if k != "resume"}
+    if format == "nnunet":
+        from nnssl.checkpoints.formats import openmind
+
+        shared = openmind.from_native(base, json.loads(plans))  # refuses what nnU-Net's trainer cannot build
+        with atomic_path(output) as tmp:
+            torch.save(shared, tmp)
+        return {"format": "nnunet", "nnssl_adaptation_plan": shared["nnssl_adaptation_plan"]}
+    return write_archive(output, with_nnunet_plan(base, json.loads(plans)), plans, model_card(ckpt, license))
 
 
 def _volume_count(ckpt: dict):

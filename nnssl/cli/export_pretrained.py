@@ -15,17 +15,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint (nnssl_train -pretrained, nnssl_plan_and_preprocess --like) takes the archive too; "
                     "a modified archive is refused.")
     p.add_argument("checkpoint", help="a checkpoint_final.pth written by nnssl_pretrain")
-    p.add_argument("-o", required=True, metavar="MODEL.zip", help="the archive to write (atomically)")
+    p.add_argument("-o", required=True, metavar="MODEL.zip", help="the archive to write (atomically; .pth with "
+                                                                   "--format nnunet)")
     p.add_argument("--license", default="unspecified", metavar="SPDX",
                    help="the license of the weights for the model card, e.g. CC-BY-4.0 (default: unspecified; the "
                         "terms usually follow the pretraining data's)")
+    p.add_argument("--format", default=None, choices=["nnunet"],
+                   help="nnunet: write -o MODEL.pth, the checkpoint with an nnssl_adaptation_plan that nnU-Net "
+                        "master's nnUNetv2_preprocess_like_nnssl -pc and nnUNetv2_train_pretrained take "
+                        "(plainconvunet, resenc, resenc_l); the .zip archive carries that plan too")
     return p
 
 
 def _run(args) -> None:
     from nnssl.checkpoints import export_pretrained
 
-    card = export_pretrained(args.checkpoint, args.o, license=args.license)
+    card = export_pretrained(args.checkpoint, args.o, license=args.license, format=args.format)
     print(json.dumps(card, indent=2))
     print(f"Wrote {args.o}")
 

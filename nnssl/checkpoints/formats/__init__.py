@@ -1,2 +1,3 @@
 """One module per foreign pretrained format; importing this package registers them all
 (:mod:`nnssl.checkpoints.foreign`)."""
+from nnssl.checkpoints.formats import openmind  # noqa: F401

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-pretrained", "-pretrained_weights", dest="pretrained", default=None,
                    help="pretraining checkpoint (checkpoint_final.pth of nnssl_pretrain) to initialize from "
                         "(-pretrained_weights: nnUNetv2_train's name for it)")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="train with N processes (DDP) as nnUNetv2_train -num_gpus: N GPUs with -device cuda, N CPU "
+                        "processes (gloo) with -device cpu; the plans' batch size is split over them (default: 1)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's, 1000 "
                                                             "for nnU-Net's)")
     p.add_argument("--iterations_per_epoch", type=int, default=None,
@@ -58,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(a: argparse.Namespace):
     from nnssl.training.finetune import train
 
-    out = train(a.dataset, a.configuration, a.fold, architecture=a.architecture, trainer=a.trainer, plans=a.plans,
-                pretrained=a.pretrained, epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
-                val_iterations=a.val_iterations, warmup_epochs=a.warmup_epochs,
-                freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device, cpu_precision=a.cpu_precision,
-                continue_training=a.continue_training, npz=a.npz, validation_only=a.validation_only,
-                allow_plans_mismatch=a.allow_plans_mismatch)
+    kwargs = dict(architecture=a.architecture, trainer=a.trainer, plans=a.plans, pretrained=a.pretrained,
+                  epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch, val_iterations=a.val_iterations,
+                  warmup_epochs=a.warmup_epochs, freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device,
+                  cpu_precision=a.cpu_precision, continue_training=a.continue_training, npz=a.npz,
+                  validation_only=a.validation_only, allow_plans_mismatch=a.allow_plans_mismatch)
+    if a.num_gpus == 1:
+        out = train(a.dataset, a.configuration, a.fold, **kwargs)
+    else:
+        from nnssl.training.ddp import train_ddp
+        out = train_ddp(a.num_gpus, a.dataset, a.configuration, a.fold, **kwargs)
     print(f"nnssl_train: results in {out['output_folder']}")
 
 

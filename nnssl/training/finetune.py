@@ -220,6 +220,8 @@ def build_trainer(dataset, configuration: str = "3d_fullres", fold: Union[int, s
     plans_dict["continue_training"] = continue_training
     dataset_json = load_json(os.path.join(paths.preprocessed(), ds, "dataset.json"))
     tr = trainer_cls(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json, device=dev)
+    if tr.is_ddp and dev.type == "cpu":  # nnU-Net moves every DDP rank to CUDA; gloo ranks stay here (ddp.py)
+        tr.device, tr.grad_scaler = dev, None
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     set_cpu_precision(tr, cpu_precision)
@@ -287,6 +289,9 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     if pretrained is not None:
         tr.initialize()
         report = inject_pretrained(tr, pretrained, allow_plans_mismatch=allow_plans_mismatch)
+        if tr.is_ddp:
+            from nnssl.training.same_start import verify_ranks_start_alike
+            verify_ranks_start_alike(tr, report)
         if hasattr(tr, "nnssl_on_pretrained"):  # e.g. per-group lrs of nnsslTrainer_Short
             tr.nnssl_on_pretrained(report)
     elif resume_from is not None:

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batch size (default: the method's batch_size setting, else the plans' batch size)")
     p.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None,
                    help="device (default: cuda if available, else cpu); AMP and --compile are used on cuda only; mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
+    p.add_argument("--cpu_precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="on -device cpu: 'auto' (default) runs the network and heads under bf16 autocast when the "
+                        "CPU has native bf16 (AMX / AVX512-BF16) and in float32 otherwise; 'fp32' always float32. "
+                        "Losses are always computed in float32. With --c the run's saved precision is kept")
     p.add_argument("--c", dest="resume", action="store_true",
                    help="continue the run in the output folder from checkpoint_latest.pth (bit-exact on CPU)")
     p.add_argument("--seed", type=int, default=0,
@@ -69,7 +73,7 @@ def main(argv=None):
 
         folder = pretrain(a.dataset, a.method, a.architecture, a.pretraining_data, a.configuration, a.iterations,
                           a.iterations_per_epoch, a.batch_size, a.device, a.resume, a.seed, a.overrides,
-                          a.num_workers, a.compile_network, a.output_folder, a.fold)
+                          a.num_workers, a.compile_network, a.output_folder, a.fold, a.cpu_precision)
         print(f"Pretraining checkpoint: {folder}/checkpoint_final.pth")
 
     sys.exit(run_command(build_parser(), run, argv))

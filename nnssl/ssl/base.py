@@ -12,6 +12,10 @@ A method is three things (the lightly/MAE pattern):
    checkpoint's ``network_weights`` hold the segmentation network only);
 3. ``forward_loss(network, batch)`` -- runs the network (and heads) and returns a dict of
    named loss terms plus ``"loss"``, their weighted sum, which the engine backpropagates.
+   The engine calls it under autocast (fp16 AMP on CUDA, bf16 with ``--cpu_precision`` on
+   the CPU): the network and heads run in it; the loss terms are computed inside
+   :func:`float32_loss` from outputs cast with ``.float()``, so no loss (k-means CE,
+   contrastive similarities, BYOL cosines, reconstruction errors) is a low-precision product.
 
 Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
 overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
@@ -26,6 +30,14 @@ from torch import nn
 
 from nnssl.registry import Registry
 from nnssl.ssl.crops import CropChoice, InputRule, choose
+
+
+def float32_loss(like: torch.Tensor):
+    """Context manager for a method's loss terms: autocast off on ``like``'s device, so the losses
+    computed inside are float32 when their inputs are (cast the network/head outputs with ``.float()``
+    inside it). Low-precision similarities and distances lose the small differences the losses
+    are made of (bf16 keeps ~3 significant digits)."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class SSLMethod(nn.Module):

@@ -56,7 +56,7 @@ from torch import nn
 
 from nnssl.architectures.blocks.swin import DropPath
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.ssl.crops import CropChoice
 from nnssl.transforms.hybrid_masking import (SAMPLING, check_region, default_region, hybrid_mask, mask_geometry,
                                              region_offsets, voxel_mask)
@@ -314,7 +314,8 @@ class HybridMIM(SSLMethod):
         second = network.encoder(data)[-1] if self.backbone_dropout else bottleneck
         views = []
         for b in (bottleneck, second):
-            views.append((self.dropout(b) if self.method_dropout else b).mean(dim=(2, 3, 4)))
+            # float32 pooling: a bf16/fp16 mean over every bottleneck voxel would round the views
+            views.append((self.dropout(b) if self.method_dropout else b).float().mean(dim=(2, 3, 4)))
         return views
 
     def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -331,31 +332,33 @@ class HybridMIM(SSLMethod):
             raise NnsslError(f"hybrid_mim reconstructs every input channel, but the network has {recon.shape[1]} "
                              f"output(s) for {image.shape[1]} channel(s): build it with "
                              f"network_output_channels(cfg) outputs after configure() (the engine does).")
+        bottleneck = features[-1]
+        pooled = F.adaptive_avg_pool3d(bottleneck.float(), geometry.grid).flatten(2).transpose(1, 2)  # [B, R, F]
+        num_logits, loc_logits = self.number_head(pooled), self.location_head(pooled)
+        views = self._pool_views(network, data, bottleneck) if cfg.weight_cl > 0 else None
+
         box = (slice(None), slice(None)) + tuple(slice(o, o + r) for o, r in zip(start, self.region))
         hit = batch["patch_mask"]  # [B, P0, P1, P2] -> voxels [B, 1, D, H, W], cropped to the region
         for axis, size in enumerate(geometry.patch):
             hit = torch.repeat_interleave(hit, size, dim=axis + 1)
         hit = hit[:, None][box]
-        err = (recon.float() - image[box].float()) ** 2 * hit
-        pr = err.sum() / (hit.sum() * image.shape[1]).clamp(min=1)
-
-        bottleneck = features[-1]
-        pooled = F.adaptive_avg_pool3d(bottleneck.float(), geometry.grid).flatten(2).transpose(1, 2)  # [B, R, F]
-        num_logits, loc_logits = self.number_head(pooled), self.location_head(pooled)
-        counts, locations = batch["counts"].long(), batch["locations"].float()
-        num = F.cross_entropy(num_logits.flatten(0, 1), counts.flatten())
-        loc = F.binary_cross_entropy_with_logits(loc_logits, locations, reduction="none").sum(-1).mean()
-        p = torch.sigmoid(loc_logits)
-        implied = (p > 0.5).sum(-1).detach()
-        con_ce = F.cross_entropy(num_logits.flatten(0, 1), implied.flatten(), reduction="none").view_as(implied)
-        con_ce = con_ce.sum(1).mean() if cfg.con_reduction == "sum" else con_ce.mean()
-        con = 0.5 * (con_ce + F.mse_loss(p.sum(-1), num_logits.argmax(-1).float()))
-
-        if cfg.weight_cl > 0:
-            v1, v2 = self._pool_views(network, data, bottleneck)
-            cl = nt_xent(v1.float(), v2.float(), cfg.temperature, cfg.ntxent_denominator == "negatives")
-        else:
-            cl = pr.new_zeros(())
-        loss = (cfg.weight_pr * pr + cfg.weight_num * num + cfg.weight_loc * loc + cfg.weight_con * con
-                + cfg.weight_cl * cl)
+        with float32_loss(data):
+            err = (recon.float() - image[box].float()) ** 2 * hit
+            pr = err.sum() / (hit.sum() * image.shape[1]).clamp(min=1)
+            num_logits, loc_logits = num_logits.float(), loc_logits.float()
+            counts, locations = batch["counts"].long(), batch["locations"].float()
+            num = F.cross_entropy(num_logits.flatten(0, 1), counts.flatten())
+            loc = F.binary_cross_entropy_with_logits(loc_logits, locations, reduction="none").sum(-1).mean()
+            p = torch.sigmoid(loc_logits)
+            implied = (p > 0.5).sum(-1).detach()
+            con_ce = F.cross_entropy(num_logits.flatten(0, 1), implied.flatten(), reduction="none").view_as(implied)
+            con_ce = con_ce.sum(1).mean() if cfg.con_reduction == "sum" else con_ce.mean()
+            con = 0.5 * (con_ce + F.mse_loss(p.sum(-1), num_logits.argmax(-1).float()))
+            if views is not None:
+                cl = nt_xent(views[0].float(), views[1].float(), cfg.temperature,
+                             cfg.ntxent_denominator == "negatives")
+            else:
+                cl = pr.new_zeros(())
+            loss = (cfg.weight_pr * pr + cfg.weight_num * num + cfg.weight_loc * loc + cfg.weight_con * con
+                    + cfg.weight_cl * cl)
         return {"pr": pr, "num": num, "loc": loc, "con": con, "cl": cl, "loss": loss}

@@ -66,7 +66,7 @@ from torch import nn
 
 from nnssl.architectures.spec import probe_level_shapes
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.transforms.slab_shuffle import shuffle_and_mask
 
 
@@ -347,12 +347,13 @@ class OrderReconstruction(SSLMethod):
         out = network.decoder(features)
         if isinstance(out, (list, tuple)):
             out = out[0]
-        rec = F.mse_loss(out.float(), batch["target"].float())
+        all_logits = [head(features[lv]) for lv, head in zip(self.levels, self.heads)]  # each [N, B, B]
         order = batch["order"].long()
-        cls = out.new_zeros((), dtype=torch.float32)
-        for lv, head in zip(self.levels, self.heads):
-            logits = head(features[lv]).float()  # [N, B, B]
-            cls = cls + F.cross_entropy(logits.flatten(0, 1), order.flatten(), reduction="sum")
-        cls = cls / order.shape[0]
-        loss = self.cfg.weight_cls * cls + self.cfg.weight_rec * rec
+        with float32_loss(out):
+            rec = F.mse_loss(out.float(), batch["target"].float())
+            cls = out.new_zeros((), dtype=torch.float32)
+            for logits in all_logits:
+                cls = cls + F.cross_entropy(logits.float().flatten(0, 1), order.flatten(), reduction="sum")
+            cls = cls / order.shape[0]
+            loss = self.cfg.weight_cls * cls + self.cfg.weight_rec * rec
         return {"cls": cls, "rec": rec, "loss": loss}

@@ -55,7 +55,7 @@ from torch import nn
 
 from nnssl.architectures.spec import probe_level_shapes
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.transforms.rotation_cutout import (N_ROTATIONS, apply_cutouts, box_mask, draw_cutouts, draw_rotation,
                                               rotate)
 
@@ -257,18 +257,21 @@ class SwinPretext(SSLMethod):
         views, cfg = batch["views"], self.cfg
         b = views.shape[0] // 2
         feats = network.encoder(views)[-1]  # [2B, C, d, h, w]
-        # Summed over the views, like BYOL's two directions (the authors' weighting, module docstring).
-        recon_out, target = self.recon_head(feats).float(), batch["target"].float()
-        recon = F.l1_loss(recon_out[:b], target[:b]) + F.l1_loss(recon_out[b:], target[b:])
-        logits, k = self.rotation_head(feats.mean(dim=(2, 3, 4))).float(), batch["rotations"]
-        rotation = F.cross_entropy(logits[:b], k[:b]) + F.cross_entropy(logits[b:], k[b:])
+        recon_out, rotation_logits = self.recon_head(feats), self.rotation_head(feats.mean(dim=(2, 3, 4)))
         z = self.projector(self._projector_input(feats))
         p = self.predictor(z)
         with torch.no_grad():
             z_target = self.target_projector(self._projector_input(self.target_encoder(views)[-1]))
-        byol = byol_loss(p[:b], z_target[b:]) + byol_loss(p[b:], z_target[:b])
-        spread = F.normalize(z.detach().float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
-        loss = cfg.weight_recon * recon + cfg.weight_rotation * rotation + cfg.weight_byol * byol
+        with float32_loss(feats):
+            # Summed over the views, like BYOL's two directions (the authors' weighting, module docstring).
+            recon_out, target = recon_out.float(), batch["target"].float()
+            recon = F.l1_loss(recon_out[:b], target[:b]) + F.l1_loss(recon_out[b:], target[b:])
+            logits, k = rotation_logits.float(), batch["rotations"]
+            rotation = F.cross_entropy(logits[:b], k[:b]) + F.cross_entropy(logits[b:], k[b:])
+            p, z_target = p.float(), z_target.float()
+            byol = byol_loss(p[:b], z_target[b:]) + byol_loss(p[b:], z_target[:b])
+            spread = F.normalize(z.float().detach(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+            loss = cfg.weight_recon * recon + cfg.weight_rotation * rotation + cfg.weight_byol * byol
         return {"recon": recon, "rotation": rotation, "byol": byol, "monitor_proj_std": spread, "loss": loss}
 
     @torch.no_grad()

@@ -3,7 +3,12 @@
 Per step: the loader's batch for iteration ``it`` (see ``pretrain_data``), lr from the schedule
 (a pure function of ``it``), ``torch.manual_seed`` from (seed, rank, it) so dropout is
 reproducible after a resume, ``method.forward_loss``, backward of ``losses["loss"]``, gradient
-clipping, optimizer step. AMP (fp16 autocast + GradScaler) and ``torch.compile`` on CUDA only.
+clipping, optimizer step. AMP (fp16 autocast + GradScaler) and ``torch.compile`` on CUDA only;
+on the CPU ``--cpu_precision`` (as in ``nnssl_train``; "auto": bf16 autocast where the CPU has
+native bf16) runs ``forward_loss`` under bf16 autocast. Either way only the network and the
+heads run in low precision: every method computes its loss terms in float32 outside autocast
+(``nnssl.ssl.base.float32_loss``). The precision is saved with the run (``config.json``, the
+resume state) and ``--c`` continues in it (an explicit different ``--cpu_precision`` is refused).
 ``checkpoint_latest.pth`` is written every epoch (every ``iterations_per_epoch`` iterations and
 at the end), ``checkpoint_final.pth`` at the end; ``--c`` resumes bit-exactly on CPU.
 
@@ -28,7 +33,7 @@ from tqdm import tqdm
 from nnssl import locks, paths
 from nnssl.checkpoints import (checkpoint_metadata, load_resume_checkpoint, publish_final, restore_network,
                                save_pretraining_checkpoint, split_network_state, to_plain, weights_sha256)
-from nnssl.devices import resolve_device
+from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 from nnssl.training.pretrain_data import PretrainLoader, batch_from_item, make_loader, map_tensors, shutdown
@@ -43,6 +48,8 @@ DEFAULT_ITERATIONS = 100_000
 DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 1e-4, 1e-5  # AdamW defaults when a method sets no optimizer fields
 DEFAULT_GRAD_CLIP = 12.0  # nnU-Net's max gradient norm
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
+# What the forward pass runs in: the saved name of each autocast dtype (None: float32 throughout).
+PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16_amp"}
 
 
 def changed_keys(saved, now, key: str) -> List[str]:
@@ -94,7 +101,7 @@ class Pretrainer:
 
     def __init__(self, setup: PretrainSetup, output_folder: str, total_iterations: int, iterations_per_epoch: int,
                  device: torch.device, seed: int, num_workers: int, compile_network: bool,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, cpu_precision: Optional[str] = None):
         self.s, self.folder = setup, output_folder
         self.total, self.ipe = int(total_iterations), int(iterations_per_epoch)
         self.device, self.seed, self.num_workers = device, int(seed), int(num_workers)
@@ -110,6 +117,9 @@ class Pretrainer:
         self.schedule = schedule_from_config(setup.cfg, self.total, DEFAULT_LR)
         self.amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # None: "auto" for a new run, the saved precision for a resumed one (see load)
+        self.cpu_precision_given = cpu_precision is not None
+        self.autocast_dtype = torch.float16 if self.amp else cpu_autocast_dtype(cpu_precision or "auto", device)
         clip = getattr(setup.cfg, "grad_clip", DEFAULT_GRAD_CLIP)
         self.grad_clip = float(clip) if clip else None
         self.train_model = self.model
@@ -133,8 +143,13 @@ class Pretrainer:
             transfer=getattr(s.cfg, "transfer", s.method_cls.transfer), pretraining_data=s.source, dataset=s.target,
             iteration=self.iteration, seed=self.seed), **case_record(s.cases)}
 
+    @property
+    def precision(self) -> str:
+        return PRECISIONS[self.autocast_dtype]
+
     def save(self, name: str) -> None:
-        resume = {"optimizer": self.optimizer.state_dict(), "method_state": self.method.state_dict(),
+        resume = {"precision": self.precision, "optimizer": self.optimizer.state_dict(),
+                  "method_state": self.method.state_dict(),
                   "grad_scaler": self.scaler.state_dict(), "loss_history": self.history,
                   "schedule": self.schedule.to_dict()}
         save_pretraining_checkpoint(os.path.join(self.folder, name), self.network, self.metadata(), resume)
@@ -154,6 +169,7 @@ class Pretrainer:
             raise NnsslError(f"--c continues the run in {self.folder} with its saved settings, but these differ: "
                              + "; ".join(diffs) + ". Drop the changed flags (--set, --batch_size, --seed, -pd), "
                              "or start a new run with -o NEW_FOLDER.")
+        self._continue_precision(ckpt["resume"])
         restore_network(self.network, ckpt)
         self.method.load_state_dict(ckpt["resume"]["method_state"])
         self.optimizer.load_state_dict(ckpt["resume"]["optimizer"])
@@ -166,6 +182,21 @@ class Pretrainer:
             # Schedule lengths are shares of --iterations: a longer run stretches the whole curve.
             self.log.log(f"Note: the lr schedule now spans {self.total} iterations instead of "
                          f"{saved.get('total_iterations')}; the steps from {self.iteration} on follow the new curve.")
+
+    def _continue_precision(self, resume: dict) -> None:
+        """Keep the run in the precision it was started in: adopt it on the CPU when --cpu_precision
+        was not given, refuse a different one otherwise."""
+        # Checkpoints from before the precision was saved: fp16 AMP left a GradScaler state, fp32 none.
+        saved = resume.get("precision") or ("fp16_amp" if resume.get("grad_scaler") else "fp32")
+        if saved == self.precision:
+            return
+        if self.device.type == "cpu" and not self.cpu_precision_given and saved in ("fp32", "bf16"):
+            self.autocast_dtype = cpu_autocast_dtype(saved, self.device)
+            return
+        fix = (f"-device cpu --cpu_precision {saved}" if saved != "fp16_amp" else "-device cuda (fp16 AMP)")
+        raise NnsslError(f"--c continues the run in {self.folder}, which was trained in {saved}, but this run would "
+                         f"train in {self.precision}; mixing precisions in one run is refused. Continue with {fix}, "
+                         f"or start a new run with -o NEW_FOLDER.")
 
     def write_config(self, world_size: int, num_workers: int) -> None:
         """``config.json``: the final method config and everything the run was started with."""
@@ -180,7 +211,8 @@ class Pretrainer:
                     "pretraining_cases": list(s.cases),
                     "batch_size_per_process": s.batch_size, "world_size": world_size, "seed": self.seed,
                     "iterations": self.total, "iterations_per_epoch": self.ipe, "device": str(self.device),
-                    "num_workers": int(num_workers), "amp": self.amp, "optimizer": type(self.optimizer).__name__,
+                    "num_workers": int(num_workers), "amp": self.amp, "precision": self.precision,
+                    "optimizer": type(self.optimizer).__name__,
                     "lr_schedule": self.schedule.to_dict()}, os.path.join(self.folder, "config.json"))
 
     # --- training ---
@@ -190,7 +222,7 @@ class Pretrainer:
             group["lr"] = lr
         torch.manual_seed(step_seed(self.seed, self.rank, it))
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             losses = self.train_model(batch)
         names = sorted(k for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1)
         vec = torch.stack([losses[k].detach().float().reshape(()) for k in names])
@@ -281,11 +313,14 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
              configuration: str = "3d_fullres", iterations: Optional[int] = None, iterations_per_epoch: int = 250,
              batch_size: Optional[int] = None, device: Optional[str] = None, resume: bool = False, seed: int = 0,
              overrides: Sequence[str] = (), num_workers: Optional[int] = None, compile_network: bool = False,
-             output_folder: Optional[str] = None, fold: Optional[int] = None) -> str:
+             output_folder: Optional[str] = None, fold: Optional[int] = None,
+             cpu_precision: Optional[str] = None) -> str:
     """Run (or with ``resume`` continue) a pretraining; returns the output folder.
 
     ``fold``: in-task pretraining on fold ``fold``'s training cases only (``nnssl_pretrain --fold``;
     output folder ``...__fold<K>``), so fine-tuning that fold validates on unseen cases.
+    ``cpu_precision`` ("auto" | "fp32" | "bf16", ``--cpu_precision``): the CPU's autocast dtype
+    (:func:`nnssl.devices.cpu_autocast_dtype`); None: "auto" for a new run, the saved one with ``resume``.
 
     The engine seeds torch's global generator (initialization, per-step dropout seeds); the caller's
     generator state (CPU and CUDA) is restored on return, so calling this from Python leaves the
@@ -294,11 +329,14 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
     with torch.random.fork_rng(devices=cuda_devices):
         return _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations,
                          iterations_per_epoch, batch_size, device, resume, seed, overrides, num_workers,
-                         compile_network, output_folder, fold)
+                         compile_network, output_folder, fold, cpu_precision)
 
 
 def _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations, iterations_per_epoch,
-              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder, fold) -> str:
+              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder, fold,
+              cpu_precision) -> str:
+    if cpu_precision is not None:
+        cpu_autocast_dtype(cpu_precision, torch.device("cpu"))  # an unknown value is refused before any work
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
@@ -322,14 +360,14 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
         # rank 0 speaks for the run (under torchrun, a refused rank 0 stops the other ranks too)
         with locks.exclusive(folder, f"The pretraining folder {folder}") if rank == 0 else contextlib.nullcontext():
             return _train_in(folder, setup, resume, total, iterations_per_epoch, dev, seed, num_workers,
-                             compile_network, rank, world)
+                             compile_network, rank, world, cpu_precision)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, iterations_per_epoch: int, dev, seed: int,
-              num_workers: int, compile_network: bool, rank: int, world: int) -> str:
+              num_workers: int, compile_network: bool, rank: int, world: int, cpu_precision: Optional[str]) -> str:
     """Train (or resume) in ``folder``, which this run holds the lock of."""
     existing = [p for p in (os.path.join(folder, LATEST), os.path.join(folder, FINAL)) if os.path.isfile(p)]
     if resume and not existing:
@@ -342,7 +380,7 @@ def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, itera
     # built before anything is written: a bad optimizer/schedule setting leaves nothing behind (the folder
     # made for the lock alone is removed again)
     trainer = Pretrainer(setup, folder, total, iterations_per_epoch, dev, seed, num_workers, compile_network,
-                         rank, world)
+                         rank, world, cpu_precision)
     if world > 1:  # nobody writes before every rank has checked the folder
         dist.barrier()
     os.makedirs(folder, exist_ok=True)
@@ -368,6 +406,9 @@ def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, itera
         trainer.log.log(f"WARNING: the pretraining data holds {setup.target}'s imagesTs (--intask_include_test): "
                         f"test results on them are not independent of this pretraining.")
     trainer.log.log(trainer.schedule.describe())
+    if trainer.precision == "bf16":
+        trainer.log.log("CPU mixed precision: the network and heads run under bf16 autocast, every loss in "
+                        "float32 (--cpu_precision fp32 turns it off).")
     clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
     trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")
     trainer.run()

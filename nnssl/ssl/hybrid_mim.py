@@ -66,6 +66,7 @@ from torch import nn
 
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.distributed import gather_with_grad
 from nnssl.ssl.encoder_dropout import STAGE_CHOICES, enable_encoder_dropout
 from nnssl.transforms.hybrid_masking import (SAMPLING, check_region, default_region, hybrid_mask, mask_geometry,
                                              region_offsets, voxel_mask)
@@ -141,14 +142,24 @@ class HybridMIMConfig:
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, exclude_positive: bool = False) -> torch.Tensor:
     """NT-Xent over N pairs (z1[i], z2[i]): z1, z2 [N, F] -> mean over the 2N anchors of
     -log(exp(cos(i, j) / τ) / Σ_{k ≠ i} exp(cos(i, k) / τ)), j = the anchor's pair
-    (``exclude_positive``: the sum also skips k = j, eq. 6 as printed)."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    (``exclude_positive``: the sum also skips k = j, eq. 6 as printed).
+
+    Under DDP, z1 and z2 are this process's n pairs: the candidates k are the pairs of every process
+    (:func:`~nnssl.ssl.distributed.gather_with_grad`), the anchors this process's 2n rows, so the mean
+    over the processes is the loss of the global batch."""
     n = z1.shape[0]
-    sim = z @ z.t() / temperature
-    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    a, offset = gather_with_grad(z1.float())
+    b, _ = gather_with_grad(z2.float())
+    total = a.shape[0]
+    z = F.normalize(torch.cat([a, b]), dim=1)  # [2N, F]
+    mine = torch.arange(offset, offset + n, device=z.device)
+    anchors = torch.cat([mine, mine + total])  # this process's rows of z
+    pair = torch.cat([mine + total, mine])
+    sim = z[anchors] @ z.t() / temperature  # [2n, 2N]
     positive = sim[torch.arange(2 * n, device=z.device), pair]
-    excluded = eye | F.one_hot(pair, 2 * n).bool() if exclude_positive else eye
+    excluded = F.one_hot(anchors, 2 * total).bool()
+    if exclude_positive:
+        excluded |= F.one_hot(pair, 2 * total).bool()
     return (torch.logsumexp(sim.masked_fill(excluded, float("-inf")), dim=1) - positive).mean()
 
 

@@ -28,7 +28,9 @@ Per step (:meth:`HybridMIM.forward_loss`):
   :mod:`nnssl.ssl.encoder_dropout`): SwinUNETR's ``drop_rate``, as the authors pretrain it; nnU-Net's
   U-Nets get functional dropout on the output of every encoder stage (forward hooks, so the saved
   state dict is the planned network's). ``cl_pos_cos`` (logged every epoch, not trained) is the
-  mean cosine of the positive pairs: near 1, the term has little to learn.
+  mean cosine of the positive pairs: exactly 1 would mean two identical views (the term could then
+  only push negatives apart). The pooled features of an untrained U-Net are nearly parallel for
+  any two crops (non-negative activations), so expect values near 1 at the start.
 
 L = L_PR + 0.1·L_num + 0.1·L_loc + 0.01·L_con + 0.1·L_CL (eq. 7; each weight a field). Encoder and
 decoder transfer. The network is built with one output per input channel (the reconstruction).
@@ -46,10 +48,10 @@ Assumptions (each a config field):
   printed, summed over the R sub-volumes);
 - ``ntxent_denominator`` "all": SimCLR's NT-Xent (the positive is in the denominator, as eq. 6's
   text says "k ≠ i"); "negatives" = eq. 6 as printed (k ≠ i, j);
-- ``encoder_dropout_stages`` "all": dropout after every encoder stage of nnU-Net's U-Nets. The
-  authors' U-Net drops only in its first stage (and its decoder); on nnU-Net's U-Net that leaves the
-  two pooled views nearly equal (tiny preset, random input: positive cosine 0.9989 with "first",
-  0.992 with "all"); "first" follows the authors;
+- ``encoder_dropout_stages`` "all": dropout after every encoder stage of nnU-Net's U-Nets, like
+  SimCSE's dropout throughout its encoder. The authors' U-Net drops only in its first stage (and
+  its decoder): "first" follows them (tiny preset, random input: positive-pair cosine 0.9989 with
+  "first", 0.992 with "all");
 - ``second_pass_grad`` False: the second contrastive pass runs without gradient (the authors'
   ``torch.no_grad()``; SimCSE back-propagates through both);
 - the warm-up (paper: 50 epochs of an unspecified length in 100k steps) is ``warmup_fraction`` =

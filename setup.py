@@ -14,6 +14,7 @@ PACKAGES = [
     "nnssl.dataset_conversion",
     "nnssl.inference",
     "nnssl.evaluation",
+    "nnssl.benchmark",
 ]
 
 COMMANDS = {

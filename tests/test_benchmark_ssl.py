@@ -306,7 +306,8 @@ def test_verdicts_of_one_file_are_holm_corrected():
     assert (rows["b/pool"]["p_holm"], rows["b/pool"]["verdict"]) == (0.0, "helps")
     assert rows["c/pool"]["verdict"] == "within noise"
     md = markdown(BenchmarkSettings(seeds=(0, 1, 2)), summarize(results))
-    assert "| a/pool | same (10 + 40 vs 0 + 40) | 0.567 ± 0.058 | +0.167 [+0.023, +0.310] | 0.075 | within noise |" in md
+    assert ("| a/pool | same (10 + 40 vs 0 + 40) | 0.567 ± 0.058 | +0.167 [+0.023, +0.310] | 0.075 | within noise |"
+            in md)
     assert "over all 3 comparisons" in md and "range of scratch test Dice over seeds" in md
     assert "one pretraining run per (method, data), seed 0, shared by every seed" in md
     assert "the 3 test cases" in md

@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
+    import os
+
+    from nnssl.io import check_writable
     from nnssl.sharing import export_pretrained
+
+    check_writable(os.path.dirname(os.path.abspath(args.o)), "The folder of the archive (-o)")
 
     card = export_pretrained(args.checkpoint, args.o)
     print(json.dumps(card, indent=2))

@@ -74,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     def run(a: argparse.Namespace) -> None:
+        import os
+
+        from nnssl.io import check_writable
         from nnssl.planning.api import details_log, plan_and_preprocess, plans_summary
         from nnssl.quiet import details_to_log
+
+        check_writable(os.path.dirname(details_log(a.d)), "The preprocessed dataset folder (under nnUNet_preprocessed)")
 
         title = "nnssl_plan_and_preprocess " + " ".join(sys.argv[1:] if argv is None else argv)
         with details_to_log(details_log(a.d), a.verbose, title) as log:

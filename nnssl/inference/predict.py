@@ -36,7 +36,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnssl import locks
 from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
 from nnssl.training.finetune import fold_folder, resolve_run
 from nnssl.training.trainer_lookup import find_trainer_class
 
@@ -165,6 +165,7 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     """Segment every case of ``input_folder`` into ``output_folder`` (nnUNetv2_predict's layout)."""
     if not 0 < step_size <= 1:
         raise NnsslError(f"-step_size must be in (0, 1] (got {step_size}).")
+    check_writable(output_folder, "The output folder (-o)")
     folds = [f if str(f) == "all" else int(f) for f in folds]
     dev = resolve_device(device)
     ds, plans_name, trainer_name, spec = resolve_run(dataset, configuration, architecture, plans, trainer,

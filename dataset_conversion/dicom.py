@@ -117,7 +117,8 @@ def check_slice_positions(positions: Sequence[float], names: Sequence[str], what
             raise NnsslError(f"{what}: {pair} lie at the same position ({positions[k]:.4g} mm); the series holds a "
                              f"duplicate or belongs to two acquisitions. {_FIX}")
         if abs(step - median) > tol:
-            gap = "a slice is missing or unreadable" if abs(step) > 1.5 * abs(median) else "the slices are unevenly spaced"
+            missing = abs(step) > 1.5 * abs(median)
+            gap = "a slice is missing or unreadable" if missing else "the slices are unevenly spaced"
             raise NnsslError(
                 f"{what}: {pair} are {abs(step):.4g} mm apart, while the other slices are {abs(median):.4g} mm apart "
                 f"(tolerance {tol:.2g} mm): {gap}, and stacking it would give a wrong z-spacing. {_FIX}")

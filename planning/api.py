@@ -67,24 +67,27 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
                         gpu_memory_target: Optional[float] = None, clean: bool = False,
                         show_progress: bool = True, generic: bool = False, spacing=None,
                         ct_window=None, zscore: bool = False, patch=None, like: Optional[str] = None,
-                        intask_include_test: bool = False) -> Dict[str, object]:
+                        intask_include_test: bool = False,
+                        patch_fit_fraction: Optional[float] = None) -> Dict[str, object]:
     """Plan and preprocess ``dataset`` (ID, full or short name); returns what was written:
     ``{"dataset", "plans": {arch: plans file}, "data": {data_identifier: folder},
     "pretraining": {source: {configuration: folder}}}``.
 
     ``generic``: plan an unlabeled pool on its own (``planning/generic.py``; ``spacing``,
-    ``ct_window``, ``zscore``, ``patch`` apply). ``like``: plan the labeled ``dataset`` like a pretraining
+    ``ct_window``, ``zscore``, ``patch``, ``patch_fit_fraction`` apply). ``like``: plan the labeled ``dataset`` like a pretraining
     checkpoint or model archive (``planning/like.py``) instead of with ``architectures``.
     ``intask_include_test``: the target's (or the pool's) imagesTs join its ``intask`` pretraining data
     (``planning/pretraining_data.py``; warned and recorded).
     """
-    if generic or spacing is not None or ct_window is not None or zscore or patch is not None:
+    if generic or spacing is not None or ct_window is not None or zscore or patch is not None or \
+            patch_fit_fraction is not None:
         if not generic:
-            raise NnsslError("--spacing, --ct_window, --zscore and --patch plan an unlabeled pool on its own: add --generic "
-                             "(a labeled dataset is planned by nnU-Net's rules, or --like a checkpoint).")
+            raise NnsslError("--spacing, --ct_window, --zscore, --patch and --patch_fit_fraction plan an unlabeled pool "
+                             "on its own: add --generic (a labeled dataset is planned by nnU-Net's rules, or --like a "
+                             "checkpoint).")
         if like is not None or pretraining:
             raise NnsslError("--generic plans the pool itself (its images are its pretraining data): drop --like/-pd.")
-        from nnssl.planning.generic import MIS_FM_CT_WINDOW, plan_and_preprocess_generic
+        from nnssl.planning.generic import MIS_FM_CT_WINDOW, PATCH_FIT_FRACTION, plan_and_preprocess_generic
 
         return plan_and_preprocess_generic(
             dataset, architectures, spacing=spacing, ct_window=ct_window or MIS_FM_CT_WINDOW, zscore=zscore,
@@ -92,7 +95,8 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
             num_processes=default_num_processes if num_processes is None else int(num_processes), part=part,
             total_parts=total_parts, verify_dataset_integrity=verify_dataset_integrity, no_pp=no_pp, preset=preset,
             gpu_memory_target=gpu_memory_target, clean=clean, show_progress=show_progress,
-            include_test=intask_include_test)
+            include_test=intask_include_test,
+            patch_fit_fraction=PATCH_FIT_FRACTION if patch_fit_fraction is None else float(patch_fit_fraction))
     paths.ensure_paths()
     num_processes = default_num_processes if num_processes is None else int(num_processes)
     if num_processes < 1:

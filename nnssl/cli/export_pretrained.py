@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
+    import os
+
     from nnssl.checkpoints import export_pretrained
+    from nnssl.io import check_writable
+
+    check_writable(os.path.dirname(os.path.abspath(args.o)), "The folder of the archive (-o)")
 
     card = export_pretrained(args.checkpoint, args.o, license=args.license, format=args.format)
     print(json.dumps(card, indent=2))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nnssl import datasets, paths
 from nnssl.errors import NnsslError
 from nnssl.evaluation.surface import hd95_and_assd
-from nnssl.io import atomic_path
+from nnssl.io import atomic_path, check_writable
 
 SURFACE_METRICS = ("HD95", "ASSD")
 STAT_METRICS = ("Dice", "IoU") + SURFACE_METRICS
@@ -252,6 +252,7 @@ def evaluate_folder(ref_folder: str, pred_folder: str, dataset_json_or_name, out
     output_file = os.path.abspath(output_file or os.path.join(pred_folder, "summary.json"))
     if not output_file.endswith(".json"):
         raise NnsslError(f"Output file '{output_file}' must end with .json (it is an nnU-Net summary.json).")
+    check_writable(os.path.dirname(output_file), "The folder of the summary file (-o, default: -pred)")
     dj = load_dataset_json(dataset_json_or_name)
     ending = dj["file_ending"]
     ref_files = list_cases(ref_folder, ending, "reference")

@@ -42,7 +42,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnssl import locks
 from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
 from nnssl.training.finetune import fold_folder, resolve_run
 from nnssl.training.trainer_lookup import find_trainer_class
 
@@ -176,6 +176,7 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise NnsslError(f"-part_id must be in 0..{num_parts - 1} and -num_parts at least 1 (got -num_parts "
                          f"{num_parts} -part_id {part_id}); for 3 parts run -part_id 0, 1 and 2.")
+    check_writable(output_folder, "The output folder (-o)")
     folds = [f if str(f) == "all" else int(f) for f in folds]
     dev = resolve_device(device)
     ds, plans_name, trainer_name, spec = resolve_run(dataset, configuration, architecture, plans, trainer,

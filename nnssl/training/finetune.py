@@ -24,7 +24,7 @@ from nnssl import paths
 from nnssl.datasets import resolve
 from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
 
 OPTIONS_FILE = "nnssl_training_options.json"
 DEFAULT_ARCHITECTURE = "plainconvunet"
@@ -262,6 +262,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     # Checked before the trainer exists: constructing it creates the fold folder and a log file.
     ds, plans_name, trainer_name, _ = resolve_run(dataset, configuration, architecture, plans, trainer)
     probe = fold_folder(ds, trainer_name, plans_name, configuration, _fold(fold))
+    check_writable(probe, "The fold folder (under nnUNet_results)")
     if cpu_precision is not None:  # before the trainer exists (it creates the fold folder)
         from nnssl.training.trainer_lookup import find_trainer_class
         check_cpu_precision(cpu_precision, find_trainer_class(trainer_name))

@@ -35,7 +35,7 @@ from nnssl.checkpoints import (checkpoint_metadata, load_resume_checkpoint, publ
                                save_pretraining_checkpoint, split_network_state, to_plain, weights_sha256)
 from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
 from nnssl.training.pretrain_data import PretrainLoader, batch_from_item, make_loader, map_tensors, shutdown
 from nnssl.training.pretrain_setup import PretrainSetup, prepare, prepare_method
 from nnssl.training.pretraining_cases import case_record
@@ -342,7 +342,9 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
+    try:  # where the output folder will be (-o, else under nnUNet_results), before any slow work
+        check_writable(output_folder or paths.results(), "The pretraining output folder (-o, default: under "
+                                                         "nnUNet_results)")
         setup = prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size, world,
                         fold)
         total = int(iterations if iterations is not None else getattr(setup.cfg, "iterations", DEFAULT_ITERATIONS))
@@ -357,6 +359,7 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
             from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
             num_workers = get_allowed_n_proc_DA()
         folder = os.path.abspath(output_folder or output_folder_for(setup))
+        check_writable(folder, "The pretraining output folder")
         # rank 0 speaks for the run (under torchrun, a refused rank 0 stops the other ranks too)
         with locks.exclusive(folder, f"The pretraining folder {folder}") if rank == 0 else contextlib.nullcontext():
             return _train_in(folder, setup, resume, total, iterations_per_epoch, dev, seed, num_workers,

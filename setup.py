@@ -54,7 +54,10 @@ setup(
     ],
     # monai is test-only: the MONAI parity tests (SwinUNETR, UNETR state dicts) compare against it;
     # nnssl itself never imports it.
-    extras_require={"dev": ["pytest>=7", "monai>=1.3"]},
+    # Experiment tracking of nnssl_pretrain (nnUNet_wandb_enabled=1, --tensorboard); the tests read
+    # both loggers' files back, so dev has them too.
+    extras_require={"dev": ["pytest>=7", "monai>=1.3", "wandb", "tensorboard"],
+                    "tracking": ["wandb", "tensorboard"]},
     entry_points={
         "console_scripts": [f"{cmd} = nnssl.cli.{mod}:main" for cmd, mod in COMMANDS.items()]
     },

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "loads in the training process)")
     p.add_argument("--compile", dest="compile_network", action="store_true",
                    help="torch.compile the model (CUDA only; ignored on CPU)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log every loss term, lr and data wait to TensorBoard (<output folder>/tensorboard; "
+                        "needs `pip install tensorboard`; or set nnssl_tensorboard=1). W&B: set nnU-Net's "
+                        "nnUNet_wandb_enabled=1 (project nnUNet_wandb_project, offline with WANDB_MODE=offline)")
+    p.add_argument("--no_pbar", action="store_true", help="no progress bars (for cluster logs)")
     p.add_argument("-o", "--output_folder", default=None,
                    help="output folder (default: $nnUNet_results/<Dataset>/nnsslPretrain__<METHOD>__<ARCH>__"
                         "<PLANS>__<CONFIG>)")
@@ -73,7 +78,8 @@ def main(argv=None):
 
         folder = pretrain(a.dataset, a.method, a.architecture, a.pretraining_data, a.configuration, a.iterations,
                           a.iterations_per_epoch, a.batch_size, a.device, a.resume, a.seed, a.overrides,
-                          a.num_workers, a.compile_network, a.output_folder, a.fold, a.cpu_precision)
+                          a.num_workers, a.compile_network, a.output_folder, a.fold, a.cpu_precision,
+                          tensorboard=a.tensorboard, show_progress=not a.no_pbar)
         print(f"Pretraining checkpoint: {folder}/checkpoint_final.pth")
 
     sys.exit(run_command(build_parser(), run, argv))

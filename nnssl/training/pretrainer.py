@@ -15,9 +15,12 @@ at the end), ``checkpoint_final.pth`` at the end; ``--c`` resumes bit-exactly on
 DDP: under ``torchrun`` (WORLD_SIZE > 1) every process trains on its own data (its rank is in
 the batch rng key); the batch size is global and each process gets ``batch_size / world_size``
 samples; rank 0 writes checkpoints and logs; at the end the ranks check that their weights agree.
+
+Tracking (W&B through nnU-Net's ``nnUNet_wandb_enabled``, TensorBoard): see ``loggers.py``.
 """
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -36,6 +39,7 @@ from nnssl.checkpoints import (checkpoint_metadata, load_resume_checkpoint, publ
 from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
 from nnssl.io import check_writable, write_json
+from nnssl.training.loggers import Trackers, wanted
 from nnssl.training.pretrain_data import PretrainLoader, batch_from_item, make_loader, map_tensors, shutdown
 from nnssl.training.pretrain_setup import PretrainSetup, prepare, prepare_method
 from nnssl.training.pretraining_cases import case_record
@@ -101,8 +105,11 @@ class Pretrainer:
 
     def __init__(self, setup: PretrainSetup, output_folder: str, total_iterations: int, iterations_per_epoch: int,
                  device: torch.device, seed: int, num_workers: int, compile_network: bool,
-                 rank: int = 0, world_size: int = 1, cpu_precision: Optional[str] = None):
+                 rank: int = 0, world_size: int = 1, cpu_precision: Optional[str] = None,
+                 trackers: Sequence[str] = (), show_progress: bool = True):
         self.s, self.folder = setup, output_folder
+        self.tracker_names, self.show_progress = list(trackers), show_progress
+        self.trackers = Trackers([], output_folder, {}, resume=False)  # opened in run()
         self.total, self.ipe = int(total_iterations), int(iterations_per_epoch)
         self.device, self.seed, self.num_workers = device, int(seed), int(num_workers)
         self.rank, self.world = rank, world_size
@@ -258,11 +265,17 @@ class Pretrainer:
                                             self.rank, self.iteration, self.num_workers, s.cases),
                              self.num_workers)
         self.model.train()
+        config = {}
+        if self.is_main:
+            with open(os.path.join(self.folder, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        self.trackers = Trackers(self.tracker_names, self.folder, config, self.iteration > 0, self.is_main)
         try:
             while self.iteration < self.total:
                 self._epoch(loader)
         finally:
             shutdown(loader)
+            self.trackers.close()
         if self.is_main:  # the last epoch just wrote checkpoint_latest at this very iteration
             publish_final(os.path.join(self.folder, LATEST), os.path.join(self.folder, FINAL))
         if self.world > 1:
@@ -273,10 +286,12 @@ class Pretrainer:
         epoch = self.iteration // self.ipe
         end = min((epoch + 1) * self.ipe, self.total)
         first, start_time, wait, sums, lr = self.iteration, time.perf_counter(), 0.0, defaultdict(float), 0.0
-        for it in tqdm(range(first, end), desc=f"epoch {epoch}", disable=not self.is_main, leave=False):
+        for it in tqdm(range(first, end), desc=f"epoch {epoch}", disable=not (self.is_main and self.show_progress),
+                       leave=False):
             t0 = time.perf_counter()
             item = next(loader)  # the time blocked here is the data wait
-            wait += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            wait += waited
             if item["iteration"] != it:
                 raise RuntimeError(f"loader returned batch {item['iteration']} for iteration {it}")
             batch = map_tensors(batch_from_item(item), lambda x: x.to(self.device, non_blocking=True))
@@ -286,11 +301,13 @@ class Pretrainer:
             for k, v in values.items():
                 sums[k] += v
             lr, self.iteration = self.schedule.lr(it), it + 1
+            self.trackers.iteration(it, values, lr, waited)
         n = end - first
         elapsed = time.perf_counter() - start_time
         record = {"epoch": epoch, "iteration": self.iteration, "lr": lr, "epoch_time": elapsed, "data_wait": wait,
                   "data_wait_fraction": wait / max(elapsed, 1e-12), "losses": {k: v / n for k, v in sums.items()}}
         self.history.append(record)
+        self.trackers.epoch(end - 1, elapsed, record["data_wait_fraction"])
         self.log.epoch(record, self.history, final=self.iteration >= self.total, schedule=self.schedule)
         for message in self.method.epoch_messages(record):  # e.g. a collapse warning
             self.log.log(message)
@@ -314,13 +331,15 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
              batch_size: Optional[int] = None, device: Optional[str] = None, resume: bool = False, seed: int = 0,
              overrides: Sequence[str] = (), num_workers: Optional[int] = None, compile_network: bool = False,
              output_folder: Optional[str] = None, fold: Optional[int] = None,
-             cpu_precision: Optional[str] = None) -> str:
+             cpu_precision: Optional[str] = None, tensorboard: bool = False, show_progress: bool = True) -> str:
     """Run (or with ``resume`` continue) a pretraining; returns the output folder.
 
     ``fold``: in-task pretraining on fold ``fold``'s training cases only (``nnssl_pretrain --fold``;
     output folder ``...__fold<K>``), so fine-tuning that fold validates on unseen cases.
     ``cpu_precision`` ("auto" | "fp32" | "bf16", ``--cpu_precision``): the CPU's autocast dtype
     (:func:`nnssl.devices.cpu_autocast_dtype`); None: "auto" for a new run, the saved one with ``resume``.
+    ``tensorboard``: also log to TensorBoard (W&B and TensorBoard switches: ``loggers.py``);
+    ``show_progress=False``: no progress bars.
 
     The engine seeds torch's global generator (initialization, per-step dropout seeds); the caller's
     generator state (CPU and CUDA) is restored on return, so calling this from Python leaves the
@@ -329,14 +348,15 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
     with torch.random.fork_rng(devices=cuda_devices):
         return _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations,
                          iterations_per_epoch, batch_size, device, resume, seed, overrides, num_workers,
-                         compile_network, output_folder, fold, cpu_precision)
+                         compile_network, output_folder, fold, cpu_precision, tensorboard, show_progress)
 
 
 def _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations, iterations_per_epoch,
               batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder, fold,
-              cpu_precision) -> str:
+              cpu_precision, tensorboard, show_progress) -> str:
     if cpu_precision is not None:
         cpu_autocast_dtype(cpu_precision, torch.device("cpu"))  # an unknown value is refused before any work
+    trackers = wanted(tensorboard)  # a switched-on tracker that is not installed is refused before anything runs
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
@@ -363,14 +383,16 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
         # rank 0 speaks for the run (under torchrun, a refused rank 0 stops the other ranks too)
         with locks.exclusive(folder, f"The pretraining folder {folder}") if rank == 0 else contextlib.nullcontext():
             return _train_in(folder, setup, resume, total, iterations_per_epoch, dev, seed, num_workers,
-                             compile_network, rank, world, cpu_precision)
+                             compile_network, rank, world, cpu_precision, trackers,
+                             show_progress)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, iterations_per_epoch: int, dev, seed: int,
-              num_workers: int, compile_network: bool, rank: int, world: int, cpu_precision: Optional[str]) -> str:
+              num_workers: int, compile_network: bool, rank: int, world: int, cpu_precision: Optional[str],
+              trackers: Sequence[str] = (), show_progress: bool = True) -> str:
     """Train (or resume) in ``folder``, which this run holds the lock of."""
     existing = [p for p in (os.path.join(folder, LATEST), os.path.join(folder, FINAL)) if os.path.isfile(p)]
     if resume and not existing:
@@ -383,7 +405,7 @@ def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, itera
     # built before anything is written: a bad optimizer/schedule setting leaves nothing behind (the folder
     # made for the lock alone is removed again)
     trainer = Pretrainer(setup, folder, total, iterations_per_epoch, dev, seed, num_workers, compile_network,
-                         rank, world, cpu_precision)
+                         rank, world, cpu_precision, trackers, show_progress)
     if world > 1:  # nobody writes before every rank has checked the folder
         dist.barrier()
     os.makedirs(folder, exist_ok=True)

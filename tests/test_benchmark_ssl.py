@@ -322,3 +322,25 @@ def test_statistics_import_without_torch():
             "nnssl.benchmark.report; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_benchmark_modules_import_in_one_direction():
+    """No import circle inside nnssl/benchmark/ (module-level and function-level imports alike)."""
+    import ast
+    import nnssl.benchmark
+
+    folder = os.path.dirname(nnssl.benchmark.__file__)
+    graph = {}
+    for name in ("data", "report", "runs", "settings", "stats"):
+        with open(os.path.join(folder, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        graph[name] = {n.module.split(".")[2] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                       and n.module and n.module.startswith("nnssl.benchmark.")}
+    done = []
+    while graph:  # peel off modules whose imports are all done (a circle would leave some forever)
+        ready = [m for m, deps in graph.items() if deps <= set(done)]
+        assert ready, f"import circle among {sorted(graph)}"
+        done += ready
+        for m in ready:
+            del graph[m]
+    assert done.index("runs") > max(done.index("data"), done.index("report"))

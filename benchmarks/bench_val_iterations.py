@@ -56,10 +56,11 @@ def analyse(batches, iterations_per_epoch, threshold, group_sizes):
             continue
         grouped = counts[:, :g * v].reshape(n_epochs, g, v, 3, -1).sum(2)  # (E, g, 3, C)
         curves = np.array([[pseudo_dice(*grouped[e, j]) for e in range(n_epochs)] for j in range(g)])  # (g, E)
-        noise = float(np.nanmean(np.nanstd(curves, axis=0, ddof=1)))
+        per_epoch = np.nanstd(curves, axis=0, ddof=1)  # (E,) sampling noise of the epoch's pseudo Dice
+        noise = float(np.nanmean(per_epoch))
         cross = [first_crossing(c, iterations_per_epoch, threshold) for c in curves]
         reached = [c for c in cross if c is not None]
-        rows.append({"V": v, "groups": g, "noise_std": noise, "crossings": cross,
+        rows.append({"V": v, "groups": g, "noise_std": noise, "noise_per_epoch": per_epoch.tolist(), "crossings": cross,
                      "crossing_range": (max(reached) - min(reached)) if reached else None,
                      "reached": f"{len(reached)}/{g}"})
     pooled = [pseudo_dice(*counts[e].sum(0)) for e in range(n_epochs)]
@@ -159,6 +160,11 @@ def report(path: str) -> None:
         cost = r["V"] * per_val / (ipe * per_train)
         print(f"| {r['V']} | {r['groups']} | {r['noise_std']:.3f} | {r['crossings']} | {r['crossing_range']} "
               f"| {cost:.0%} |")
+    print("\nnoise (std over the curves) per epoch, and the rise of the pooled curve per epoch:")
+    print("| V | " + " | ".join(f"ep. {e + 1}" for e in range(len(batches))) + " |\n|---|" + "---|" * len(batches))
+    for r in rows:
+        print(f"| {r['V']} | " + " | ".join(f"{x:.3f}" for x in r["noise_per_epoch"]) + " |")
+    print("| rise | – | " + " | ".join(f"{b - a:+.3f}" for a, b in zip(pooled, pooled[1:])) + " |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``nnssl_benchmark_ssl``: does SSL pretraining help on this dataset, and by more than the noise?
 
-Modules (imports go one way, no circles: ``stats``, ``settings`` <- ``data``, ``report`` <- ``runs``):
+Modules (imports go one way, no circles: ``runs`` -> ``data``, ``report`` -> ``settings``, ``stats``):
 
 - :mod:`~nnssl.benchmark.stats`: paired t interval, Holm's correction, seeds needed (pure: numpy, scipy);
 - :mod:`~nnssl.benchmark.settings`: the settings, the planned runs, every check before writing;

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnssl.benchmark.settings import SCRATCH
-from nnssl.benchmark.stats import ALPHA, MIN_SEEDS, holm, paired_stats, verdict
+from nnssl.benchmark.stats import ALPHA, MIN_SEEDS, holm, paired_stats, seeds_needed, verdict
 from nnssl.io import atomic_path
 
 CSV_FIELDS = ("architecture", "start", "budget", "n", "seed", "pretrain_iterations", "finetune_iterations",
@@ -49,6 +49,7 @@ def summarize(results: List[dict]) -> List[dict]:
                "dice_range": float(np.max(dice) - np.min(dice)), "to_threshold": [r["iterations_to_threshold"] for r in rs]}
         if start != SCRATCH and pairs:
             row.update(paired_stats([p["test_dice"] for p, _ in pairs], [q["test_dice"] for _, q in pairs]))
+            row["seeds_needed"] = seeds_needed(row["diff_mean"], row["diff_std"])
             row["scratch_iterations"] = pairs[0][1]["finetune_iterations"]
         rows.append(row)
     family = [r for r in rows if "p" in r and r["k"] >= MIN_SEEDS]

@@ -26,8 +26,8 @@ MAX_SEEDS = 10000  # seeds_needed gives up beyond this (the difference is tiny a
 
 def paired_stats(pretrained: Sequence[float], scratch: Sequence[float]) -> dict:
     """Means/stds (ddof 1; 0 for one value) of both, the paired difference pretrained − scratch,
-    its standard error, the 95 % t interval ``ci95: (lo, hi)``, the two-sided ``p`` value, the
-    verdict (see the module docstring) and ``seeds_needed`` (see :func:`seeds_needed`).
+    its standard error, the 95 % t interval ``ci95: (lo, hi)``, the two-sided ``p`` value and the
+    verdict (see the module docstring).
     With fewer than 2 pairs the interval is (-inf, inf) and p = 1."""
     from scipy import stats
 
@@ -50,7 +50,7 @@ def paired_stats(pretrained: Sequence[float], scratch: Sequence[float]) -> dict:
     return {"k": k, "pretrained_mean": float(p.mean()), "pretrained_std": std(p), "scratch_mean": float(s.mean()),
             "scratch_std": std(s), "diff_mean": mean, "diff_std": sd,
             "diff_se": float(sd / np.sqrt(k)) if k > 1 else float("inf"), "ci95": (float(ci[0]), float(ci[1])),
-            "p": pval, "verdict": verdict(mean, pval, k), "seeds_needed": seeds_needed(mean, sd)}
+            "p": pval, "verdict": verdict(mean, pval, k)}
 
 
 def verdict(mean: float, p: float, k: int, alpha: float = ALPHA) -> str:
@@ -80,7 +80,7 @@ def seeds_needed(mean: float, sd: float, alpha: float = ALPHA, power: float = PO
     """Seeds a paired t test needs to find a true mean difference ``mean`` with spread ``sd``
     (std of the differences) with probability ``power`` at two-sided level ``alpha``: the
     smallest k ≥ 3 whose power, from the noncentral t distribution (df k − 1, noncentrality
-    mean/sd · √k), reaches ``power``. None: no number of seeds (a difference of 0) or more than
+    mean/sd · √k), reaches ``power`` (power grows with k). None: no number of seeds (a difference of 0) or more than
     MAX_SEEDS. Not corrected for multiple comparisons."""
     from scipy import stats
 
@@ -95,15 +95,17 @@ def seeds_needed(mean: float, sd: float, alpha: float = ALPHA, power: float = PO
         nc = effect * np.sqrt(k)
         return float(stats.nct.sf(crit, k - 1, nc) + stats.nct.cdf(-crit, k - 1, nc))
 
-    lo, hi = MIN_SEEDS, MIN_SEEDS
-    while achieved(hi) < power:  # power grows with k: double, then bisect
-        if hi >= MAX_SEEDS:
+    # start at the normal approximation ((z(1 - alpha/2) + z(power)) / effect)^2, then step to the exact k
+    k = max(MIN_SEEDS, int(np.ceil(((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) / effect) ** 2)))
+    if k > MAX_SEEDS:
+        return None
+    while achieved(k) < power:
+        if k >= MAX_SEEDS:
             return None
-        lo, hi = hi + 1, min(2 * hi, MAX_SEEDS)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if achieved(mid) < power else (lo, mid)
-    return hi
+        k += 1
+    while k > MIN_SEEDS and achieved(k - 1) >= power:
+        k -= 1
+    return k
 
 
 def iterations_to_threshold(val_dice: Sequence[float], iterations_per_epoch: int, threshold: float) -> Optional[int]:

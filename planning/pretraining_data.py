@@ -10,8 +10,8 @@ what fine-tuning sees (SPEC §4, "target-planned"). Layout::
         nnsslPretrain_manifest.json                (written at the end of every run or part)
 
 ``intask`` is the target's own training images (imagesTr), without labels. Its imagesTs are
-evaluation images: LWI and HybridMIM pretrain on the training images only "to avoid data
-leakage", so they join (with a ``Ts__`` prefix) only with ``include_test``
+evaluation images: LWI pretrains on "the same training dataset" it segments, HybridMIM on the
+training set "to avoid data leakage"; so they join (with a ``Ts__`` prefix) only with ``include_test``
 (``--intask_include_test``), which warns and is recorded in the manifest. The same holds when
 ``-pd`` names the target itself. Any other source is a raw dataset (ideally marked
 ``"nnssl_unlabeled": true``); only its images are used (imagesTr and imagesTs, the latter

@@ -191,7 +191,7 @@ def check_leakage(trainer, ckpt: dict, checkpoint_path: str) -> dict:
         trainer.print_to_log_file(warning)  # also on the console
     else:
         trainer.print_to_log_file(f"nnssl: pretraining cases in the validation cases: "
-                                  f"{'none' if overlap == [] else 'unknown'} ({result['pretraining_cases_check']})")
+                                  f"{'none' if overlap == [] else 'not checked'} ({result['pretraining_cases_check']})")
     return result
 
 

@@ -101,9 +101,9 @@ class PretrainSetup:
     crop_size: Tuple[int, ...]
     batch_size: int  # per process
     crop_choice: CropChoice  # the crop, the planned patch and why they differ
-    cases: Tuple[str, ...] = ()  # sorted identifiers pretrained on (all of the data, or fold K's training cases)
-    fold: Optional[int] = None  # -pd intask --fold K
-    includes_test_images: bool = False  # the data holds the target's imagesTs (--intask_include_test)
+    cases: Tuple[str, ...]  # sorted identifiers pretrained on (all of the data, or fold K's training cases)
+    fold: Optional[int]  # -pd intask --fold K
+    includes_test_images: bool  # the cases include the target's imagesTs (--intask_include_test)
 
     def build_network(self):
         """The segmentation network from the plans (no deep supervision), outputs as the method asks."""

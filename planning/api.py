@@ -74,17 +74,18 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
     "pretraining": {source: {configuration: folder}}}``.
 
     ``generic``: plan an unlabeled pool on its own (``planning/generic.py``; ``spacing``,
-    ``ct_window``, ``zscore``, ``patch``, ``patch_fit_fraction`` apply). ``like``: plan the labeled ``dataset`` like a pretraining
-    checkpoint or model archive (``planning/like.py``) instead of with ``architectures``.
+    ``ct_window``, ``zscore``, ``patch``, ``patch_fit_fraction`` apply). ``like``: plan the labeled
+    ``dataset`` like a pretraining checkpoint or model archive (``planning/like.py``) instead of with
+    ``architectures``.
     ``intask_include_test``: the target's (or the pool's) imagesTs join its ``intask`` pretraining data
     (``planning/pretraining_data.py``; warned and recorded).
     """
     if generic or spacing is not None or ct_window is not None or zscore or patch is not None or \
             patch_fit_fraction is not None:
         if not generic:
-            raise NnsslError("--spacing, --ct_window, --zscore, --patch and --patch_fit_fraction plan an unlabeled pool "
-                             "on its own: add --generic (a labeled dataset is planned by nnU-Net's rules, or --like a "
-                             "checkpoint).")
+            raise NnsslError("--spacing, --ct_window, --zscore, --patch and --patch_fit_fraction plan an unlabeled "
+                             "pool on its own: add --generic (a labeled dataset is planned by nnU-Net's rules, or "
+                             "--like a checkpoint).")
         if like is not None or pretraining:
             raise NnsslError("--generic plans the pool itself (its images are its pretraining data): drop --like/-pd.")
         from nnssl.planning.generic import MIS_FM_CT_WINDOW, PATCH_FIT_FRACTION, plan_and_preprocess_generic

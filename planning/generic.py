@@ -161,7 +161,8 @@ def configure_generic_planner(planner, spacing: Optional[List[float]], ct_window
     planner.dataset_fingerprint = {**planner.dataset_fingerprint, "foreground_intensity_properties_per_channel": props}
 
 
-def resampled_shapes(fingerprint: dict, target_spacing: Sequence[float], transpose_forward: Sequence[int]) -> np.ndarray:
+def resampled_shapes(fingerprint: dict, target_spacing: Sequence[float],
+                     transpose_forward: Sequence[int]) -> np.ndarray:
     """[N, 3] shapes of the pool's volumes (after the body crop) resampled to ``target_spacing``, in
     the plans' axis order (``target_spacing`` is in that order too)."""
     shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)

@@ -31,6 +31,7 @@ COMMANDS = {
     "nnssl_evaluate": "evaluate",
     "nnssl_compare": "compare",
     "nnssl_export_pretrained": "export_pretrained",
+    "nnssl_import_pretrained": "import_pretrained",
     "nnssl_benchmark_ssl": "benchmark_ssl",
 }
 

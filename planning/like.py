@@ -69,11 +69,12 @@ def write_like_plans(target: str, checkpoint: str, gpu_memory_target: Optional[f
     name = like_plans_name(spec.name, sha)
 
     transpose = [int(t) for t in norm["transpose_forward"]]
-    spacing = [float(s) for s in norm["spacing"]]
     planner = planner_for(spec, target, gpu_memory_target, None)
     planner.plans_identifier = name
-    # nnU-Net's overwrite_target_spacing is in the images' own axis order, the plans' in transposed order.
-    planner.overwrite_target_spacing = [spacing[i] for i in np.argsort(transpose)]
+    if norm["spacing"] is not None:  # None: a foreign checkpoint without one; the target's own spacing
+        spacing = [float(s) for s in norm["spacing"]]
+        # nnU-Net's overwrite_target_spacing is in the images' own axis order, the plans' in transposed order.
+        planner.overwrite_target_spacing = [spacing[i] for i in np.argsort(transpose)]
     planner.plan_experiment()
     plans = load_json(planner.plans_file())  # as nnU-Net saved it (plain JSON types)
     if configuration not in plans["configurations"]:
@@ -83,7 +84,7 @@ def write_like_plans(target: str, checkpoint: str, gpu_memory_target: Optional[f
     patch = [int(p) for p in norm["patch_size"]]
     cfg.update({
         "data_identifier": f"{name}_{configuration}",
-        "spacing": spacing,
+        "spacing": cfg["spacing"] if norm["spacing"] is None else spacing,
         "patch_size": patch,
         "normalization_schemes": [norm["normalization_schemes"][c % n_ckpt] for c in range(n_target)],
         "use_mask_for_norm": [norm["use_mask_for_norm"][c % n_ckpt] for c in range(n_target)],

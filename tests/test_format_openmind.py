@@ -238,3 +238,35 @@ def test_export_for_nnunet_refuses_what_its_trainer_cannot_build(nnunet_env, tmp
 
     with pytest.raises(NnsslError, match="PlainConvUNet and ResidualEncoderUNet only"):
         from_native(native_checkpoint("pct_net"), None)
+
+
+def test_import_writes_an_archive_whose_card_names_the_source(tmp_path, capsys):
+    import hashlib
+    import json
+    import zipfile
+
+    from nnssl.checkpoints import load_pretraining_checkpoint
+    from nnssl.cli.import_pretrained import main
+
+    ref = openmind_file(tmp_path / "om.pth")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "om.pth"), "-o", str(tmp_path / "om.zip"), "--license", "CC-BY-4.0"])
+    assert e.value.code == 0
+    with zipfile.ZipFile(tmp_path / "om.zip") as z:
+        card = json.loads(z.read("model_card.json"))
+    assert card["source"]["format"] == "openmind" and card["source"]["file"] == "om.pth"
+    assert card["source"]["sha256"] == hashlib.sha256((tmp_path / "om.pth").read_bytes()).hexdigest()
+    assert card["license"] == "CC-BY-4.0" and "OpenMind" in card["citation"]
+    assert card["architecture"] == "resenc_l" and card["spacing"] == [1.5, 1.5, 1.5]
+    ckpt = load_pretraining_checkpoint(str(tmp_path / "om.zip"))
+    for k, v in ref.encoder.state_dict(prefix="encoder.").items():
+        assert torch.equal(ckpt["network_weights"][k], v), k
+
+    capsys.readouterr()
+    for argv, message in (([str(tmp_path / "om.pth"), "--format", "swin_ssl", "-o", str(tmp_path / "x.zip")],
+                           "does not have the layout of the 'swin_ssl' format"),
+                          ([str(tmp_path / "om.zip"), "-o", str(tmp_path / "y.zip")], "already an nnssl checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.zip").exists() and not (tmp_path / "y.zip").exists()

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
-from nnssl.checkpoints import formats  # noqa: F401  (registers the foreign formats)
+import nnssl.checkpoints.formats  # noqa: F401  (registers the foreign formats)
 from nnssl.checkpoints.archive import is_archive, read_archive_checkpoint, sha256_bytes
 from nnssl.checkpoints.contract import RESUME_KEYS, check_contract, to_plain
 from nnssl.checkpoints.foreign import to_native
@@ -33,10 +33,9 @@ def load_checkpoint_file(path: str, format: Optional[str] = None) -> dict:
         raise NnsslError(f"Checkpoint {path} does not exist; pass the path of a pretraining checkpoint_final.pth, "
                          f"a model archive (.zip) or a pretrained file of a format nnssl reads.")
     try:
-        if is_archive(path):
-            obj = torch.load(io.BytesIO(read_archive_checkpoint(path)), map_location="cpu", weights_only=True)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(read_archive_checkpoint(path)) if is_archive(path) else path
+        with torch.serialization.safe_globals(_numpy_scalars()):
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except NnsslError:
         raise
     except Exception as e:  # truncated file, not a torch file, or unsafe pickled objects
@@ -47,6 +46,16 @@ def load_checkpoint_file(path: str, format: Optional[str] = None) -> dict:
     if format is not None or not (isinstance(obj, dict) and "nnssl_checkpoint_version" in obj):
         obj = to_native(obj, path, format)
     return check_contract(obj, path)
+
+
+def _numpy_scalars() -> list:
+    """What a numpy scalar in a foreign file (e.g. PyMIC's ``valid_pred``) unpickles from: data, no
+    code. Everything else stays refused by ``weights_only``."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32",
+                                                                            "bool"))]
 
 
 def checkpoint_sha256(path: str) -> str:

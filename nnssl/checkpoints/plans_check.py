@@ -67,7 +67,9 @@ def compare_plans(pretrained: dict, fine_tuning: dict) -> PlansComparison:
     def diff(kind: List[str], what: str, x, y) -> None:
         kind.append(f"{what}: checkpoint {x!r}, fine-tuning {y!r}")
 
-    if not _close(a.get("spacing"), b.get("spacing")):
+    if a.get("spacing") is None:  # a foreign checkpoint that does not record its pretraining spacing
+        diff(out.harmless, "spacing (not recorded by the checkpoint)", None, b.get("spacing"))
+    elif not _close(a.get("spacing"), b.get("spacing")):
         diff(out.refused, "spacing", a.get("spacing"), b.get("spacing"))
     for key in ("transpose_forward", "normalization_schemes", "use_mask_for_norm"):
         if a.get(key) != b.get(key):

@@ -1,5 +1,7 @@
 """Share pretrained models: ``nnssl_export_pretrained CHECKPOINT -o model.zip`` packs a pretraining
-checkpoint into a model archive (:mod:`nnssl.checkpoints.archive`).
+checkpoint into a model archive (:mod:`nnssl.checkpoints.archive`); ``nnssl_import_pretrained FILE
+-o model.zip`` does the same for a foreign pretrained file (:mod:`nnssl.checkpoints.foreign`), with
+a card saying where it came from.
 
 The model card records what made the model: the software versions (nnssl, nnunetv2, torch), a
 license (``--license``; "unspecified" unless the exporter states one: the weights' terms depend on
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 
 from nnssl.checkpoints.archive import is_archive, write_archive
+from nnssl.checkpoints.contract import to_plain
 from nnssl.checkpoints.loading import load_pretraining_checkpoint
 from nnssl.citations import method_citation
 from nnssl.errors import NnsslError
@@ -29,7 +32,7 @@ def software_versions() -> dict:
     return {"nnssl": nnssl.__version__, "nnunetv2": metadata.version("nnunetv2"), "torch": torch.__version__}
 
 
-def model_card(ckpt: dict, license: str) -> dict:
+def model_card(ckpt: dict, license: str, num_volumes: Optional[int] = None) -> dict:
     """The model card fields a contract dict gives (the archive adds format, hashes, time)."""
     return {
         "method": ckpt["method"]["name"],
@@ -37,7 +40,7 @@ def model_card(ckpt: dict, license: str) -> dict:
         "network_class_name": ckpt["architecture"]["network_class_name"],
         "pretraining_dataset": ckpt["dataset"],
         "pretraining_data": ckpt["pretraining_data"],
-        "num_volumes": _volume_count(ckpt),
+        "num_volumes": num_volumes,
         "iterations": int(ckpt["iteration"]),
         "input_channels": int(ckpt["input_channels"]),
         "patch_size": ckpt["normalization"]["patch_size"],
@@ -95,7 +98,33 @@ def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_L
         with atomic_path(output) as tmp:
             torch.save(shared, tmp)
         return {"format": "nnunet", "nnssl_adaptation_plan": shared["nnssl_adaptation_plan"]}
-    return write_archive(output, with_nnunet_plan(base, json.loads(plans)), plans, model_card(ckpt, license))
+    return write_archive(output, with_nnunet_plan(base, json.loads(plans)), plans,
+                         model_card(ckpt, license, _volume_count(ckpt)))
+
+
+def import_pretrained(path: str, output: str, format: Optional[str] = None,
+                      license: str = UNSPECIFIED_LICENSE) -> dict:
+    """Write the model archive ``output`` for the foreign pretrained file ``path`` (its layout
+    recognised, or read as ``format``); returns the model card, whose ``source`` names the file,
+    its sha256 and format. ``plans.json`` holds the plans facts the format states."""
+    from nnssl.checkpoints.foreign import FORMATS
+    from nnssl.checkpoints.loading import checkpoint_sha256, load_checkpoint_file
+
+    if not is_archive(output):
+        raise NnsslError(f"-o {output}: the model archive must end in .zip (e.g. -o model.zip).")
+    ckpt = load_checkpoint_file(path, format)
+    name = ckpt["method"]["name"]
+    if is_archive(path) or name not in FORMATS:
+        raise NnsslError(f"{path} is already an nnssl checkpoint or model archive; nnssl_import_pretrained reads "
+                         f"foreign files ({', '.join(sorted(FORMATS))}). Use nnssl_export_pretrained for nnssl's own.")
+    plans = json.dumps(to_plain({"nnssl_imported_from": name, "plans_name": ckpt["plans_name"],
+                                 "configurations": {ckpt["configuration"]: {
+                                     "data_identifier": ckpt["data_identifier"], "architecture": ckpt["architecture"],
+                                     **ckpt["normalization"]}}}), indent=2)
+    card = {**model_card(ckpt, license),
+            "source": {"format": name, "description": FORMATS[name].description, "file": os.path.basename(path),
+                       "sha256": checkpoint_sha256(path)}}
+    return write_archive(output, with_nnunet_plan(ckpt, None), plans, card)
 
 
 def _volume_count(ckpt: dict):

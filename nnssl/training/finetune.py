@@ -89,11 +89,20 @@ def resolve_run(dataset, configuration: str, architecture: Optional[str], plans:
     if architecture is None and plans is not None:
         try:
             spec = architecture_for_plans(plans)
-        except NnsslError:  # a plans file nnssl did not write: nnU-Net's default network trainer
-            spec = ARCHITECTURES.get(DEFAULT_ARCHITECTURE)
+        except NnsslError:  # --like plans name their architecture; others: nnU-Net's default network trainer
+            spec = ARCHITECTURES.get(_named_architecture(ds, plans) or DEFAULT_ARCHITECTURE)
     else:
         spec = ARCHITECTURES.get(architecture or DEFAULT_ARCHITECTURE)
     return ds, plans or spec.plans_name, trainer or spec.trainer, spec
+
+
+def _named_architecture(ds: str, plans_name: str) -> Optional[str]:
+    """The ``"nnssl_architecture"`` a plans file records (``--like`` plans do), if any."""
+    try:
+        with open(os.path.join(paths.preprocessed(), ds, plans_name + ".json"), encoding="utf-8") as f:
+            return json.load(f).get("nnssl_architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_plans(ds: str, plans_name: str, configuration: str, arch_name: str) -> dict:

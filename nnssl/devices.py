@@ -1,5 +1,6 @@
 """The one place that turns a ``-device`` argument into a ``torch.device`` (pretraining,
 fine-tuning and prediction share it), and ``--cpu_precision`` into an autocast dtype."""
+import os
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ def resolve_device(device: Optional[str], local_rank: Optional[int] = None) -> t
     if name == "cpu":
         return torch.device("cpu")
     if name == "mps":
-        return _mps(local_rank)
+        return _mps()
     if not torch.cuda.is_available():
         raise NnsslError("-device cuda was requested but torch sees no CUDA GPU; use -device cpu.")
     if local_rank is None:
@@ -32,7 +33,7 @@ def resolve_device(device: Optional[str], local_rank: Optional[int] = None) -> t
     return torch.device("cuda", local_rank)
 
 
-def _mps(local_rank: Optional[int]) -> torch.device:
+def _mps() -> torch.device:
     """Apple's Metal GPU, or a refusal saying why this torch cannot use it."""
     mps = getattr(torch.backends, "mps", None)
     if mps is None or not mps.is_built():
@@ -41,7 +42,7 @@ def _mps(local_rank: Optional[int]) -> torch.device:
     if not mps.is_available():
         raise NnsslError("-device mps: torch supports MPS but sees no MPS device (it needs macOS 12.3 or later on a "
                          "Mac with a Metal GPU). Use -device cpu.")
-    if local_rank is not None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
         raise NnsslError("-device mps runs a single process: torch.distributed has no MPS backend. Train with one "
                          "process (no torchrun / -num_gpus), or use -device cuda or cpu.")
     return torch.device("mps")

@@ -37,11 +37,12 @@ def test_two_gloo_processes_fine_tune_from_the_same_injected_start(pretrain_env,
 
     monkeypatch.setenv("MASTER_ADDR", "localhost")  # train_ddp sets both; restored after the test
     monkeypatch.setenv("MASTER_PORT", free_port())
-    folder = pretrain(DS, "volume_fusion", iterations=2, iterations_per_epoch=2, batch_size=2, device="cpu",
-                      num_workers=0, output_folder=str(tmp_path / "pretraining"))
+    folder = pretrain(DS, "volume_fusion", iterations=1, iterations_per_epoch=1, batch_size=2, device="cpu",
+                      num_workers=0, output_folder=str(tmp_path / "pretraining"), show_progress=False)
     ckpt_path = os.path.join(folder, "checkpoint_final.pth")
+    # Without nnU-Net's final validation (distributed over the ranks too, but a minute on 2 busy cores).
     out = train_ddp(2, DS, "3d_fullres", "all", pretrained=ckpt_path, epochs=1, iterations_per_epoch=2,
-                    val_iterations=1, device="cpu")
+                    val_iterations=1, device="cpu", final_validation=False)
     printed = capfd.readouterr().out
     # nnU-Net's trainer split the plans' global batch of 2 over the two ranks
     assert "worker 0 batch_size 1" in printed and "worker 1 batch_size 1" in printed
@@ -59,8 +60,7 @@ def test_two_gloo_processes_fine_tune_from_the_same_injected_start(pretrain_env,
     final = torch.load(os.path.join(fold_dir, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 1
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in final["network_weights"].items()}
-    assert sha256_of(weights, loaded) != sha256_of(pretrained, loaded)  # the 2 iterations moved the encoder
-    assert os.path.isfile(os.path.join(fold_dir, "validation", "summary.json"))
+    assert sha256_of(weights, loaded) != sha256_of(pretrained, loaded)  # the 2 iterations moved the weights
 
 
 def test_refusals(monkeypatch, capsys):

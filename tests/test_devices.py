@@ -25,6 +25,8 @@ def test_mps_refusals_say_why(monkeypatch):
         resolve_device("mps")
     monkeypatch.setattr(mps, "is_available", lambda: True)
     assert resolve_device("mps") == torch.device("mps")
+    assert resolve_device("mps", local_rank=0) == torch.device("mps")  # what a plain nnssl_pretrain passes
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
     with pytest.raises(NnsslError, match="torch.distributed has no MPS backend"):
         resolve_device("mps", local_rank=1)
 

@@ -66,16 +66,22 @@ def test_pretraining_logs_every_term_to_wandb_offline_and_tensorboard(pretrain_e
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing outside tmp_path
         monkeypatch.setenv(var, str(tmp_path / var))
     out = tmp_path / "run"
-    # Volume Fusion halves the lr every lr_step_iterations: 1e-3, 1e-3, 5e-4 for iterations 0, 1, 2
-    pretrain(DS, "volume_fusion", iterations=3, iterations_per_epoch=2, batch_size=2, device="cpu", num_workers=0,
-             overrides=["lr_step_iterations=2"], output_folder=str(out), tensorboard=True, show_progress=False)
+    # Volume Fusion halves the lr every lr_step_iterations: 1e-3, 1e-3, 5e-4 for iterations 0, 1, 2.
+    # Two iterations, then --c to three: the resumed run logs into the same W&B run.
+    for total, resume in ((2, False), (3, True)):
+        pretrain(DS, "volume_fusion", iterations=total, iterations_per_epoch=2, batch_size=2, device="cpu",
+                 num_workers=0, overrides=["lr_step_iterations=2"], output_folder=str(out), resume=resume,
+                 tensorboard=True, show_progress=False)
     assert "%|" not in capfd.readouterr().err  # no tqdm bar with show_progress=False
     terms = {"loss", "ce", "dice"}  # Volume Fusion's loss terms: 0.5 CE + 0.5 Dice and their sum
     history = torch.load(out / "checkpoint_final.pth", weights_only=True)["resume"]["loss_history"]
     assert set(history[0]["losses"]) == terms
 
-    records = read_wandb_records(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
-    assert [r.run.project for r in records if r.WhichOneof("record_type") == "run"][0] == "nnssl_tracking_test"
+    files = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2  # one per process that logged
+    records = [r for f in files for r in read_wandb_records(f)]
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert {r.project for r in runs} == {"nnssl_tracking_test"} and len({r.run_id for r in runs}) == 1
     steps = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":

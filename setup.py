@@ -14,6 +14,7 @@ PACKAGES = [
     "nnssl.dataset_conversion",
     "nnssl.inference",
     "nnssl.evaluation",
+    "nnssl.benchmark",
 ]
 
 COMMANDS = {
@@ -39,23 +40,46 @@ setup(
     version="0.1.0",
     description="Self-supervised pretraining for 3D medical image segmentation on top of nnU-Net v2",
     python_requires=">=3.10",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+    ],
     packages=PACKAGES,
     package_dir={
         "nnssl.planning": "planning",
         "nnssl.dataset_conversion": "dataset_conversion",
     },
+    # What nnssl imports, with floors from what the test suite ran on. nnunetv2 is capped at the
+    # tested minor version: nnssl subclasses its trainer and predictor and imports ~25 of its
+    # internal modules, which change between minor releases. torch: the oldest version the suite
+    # ran on (install your own build first, see README "Set-up").
     install_requires=[
-        "torch>=2.1",
-        "nnunetv2>=2.6",
-        "SimpleITK>=2.2",
-        "numpy",
+        "torch>=2.13",
+        "nnunetv2>=2.8.1,<2.9",
+        "batchgenerators>=0.25.1",
+        "acvl-utils>=0.2.6,<0.3",
+        "SimpleITK>=2.2.1",
+        "nibabel",
+        "numpy>=1.24",
+        "scipy",
         "scikit-learn",
         "tqdm",
         "matplotlib",
     ],
     # monai is test-only: the MONAI parity tests (SwinUNETR, UNETR state dicts) compare against it;
     # nnssl itself never imports it.
-    extras_require={"dev": ["pytest>=7", "monai>=1.5"]},
+    # Experiment tracking of nnssl_pretrain (nnUNet_wandb_enabled=1, --tensorboard); the tests read
+    # both loggers' files back, so dev has them too.
+    extras_require={"dev": ["pytest>=7", "monai>=1.5", "wandb", "tensorboard"],
+                    "tracking": ["wandb", "tensorboard"]},
     entry_points={
         "console_scripts": [f"{cmd} = nnssl.cli.{mod}:main" for cmd, mod in COMMANDS.items()]
     },

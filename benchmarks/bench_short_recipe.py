@@ -43,7 +43,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     import torch
     from nnssl import demo
-    from nnssl.benchmark_ssl import organ_dice, seed_everything
+    from nnssl.benchmark.runs import organ_dice, seed_everything
     from nnssl.training.trainers import short
 
     torch.set_num_threads(int(os.environ.get("NNSSL_BENCH_THREADS", "1")))

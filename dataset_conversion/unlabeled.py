@@ -10,7 +10,8 @@ Other files (except the ``.raw``/``.zraw`` voxel files of ``.mhd`` headers) are 
 ``ignored`` in the log. Sources are sorted by path (then series UID) and numbered
 ``NAME_0001_0000.nii.gz``, ``NAME_0002_0000.nii.gz``, ... in ``imagesTr/``;
 ``conversion_log.json`` maps every output to its source. A source that fails validation
-(unreadable, truncated, not 3D, NaN/Inf voxels, DICOM folder without a series) stops the
+(unreadable, truncated, not 3D, NaN/Inf voxels, DICOM folder without a series, DICOM series with
+a missing, truncated or unevenly spaced slice: ``dicom.py``) stops the
 conversion with an error naming it, before anything is written; with ``skip_bad`` it is left
 out instead and listed under ``skipped`` in the log (with the reason). Writing goes through a
 hidden staging folder renamed into place at the end; an interrupted run resumes (``_staging``).
@@ -25,13 +26,12 @@ from tqdm import tqdm
 
 from nnssl import paths
 from nnssl.dataset_conversion import _staging
-from nnssl.dataset_conversion.validation import (check_3d, check_finite_image, dicom_series, header_of,
-                                                 read_dicom_series, read_image, require_folder)
+from nnssl.dataset_conversion.dicom import dicom_series, is_dicom_file, read_dicom_series
+from nnssl.dataset_conversion.validation import check_3d, check_finite_image, header_of, read_image, require_folder
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, write_json
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-DICOM_EXTENSIONS = (".dcm", ".ima")
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,6 @@ class Source:
         return d
 
 
-def _is_dicom_file(path: str) -> bool:
-    if path.lower().endswith(DICOM_EXTENSIONS):
-        return True
-    with open(path, "rb") as f:  # DICOM Part 10 files carry "DICM" after a 128-byte preamble
-        return f.read(132)[128:] == b"DICM"
-
-
 def scan_folder(input_dir: str) -> Tuple[List[str], List[str], List[str]]:
     """(volume files, DICOM folders, ignored files) under ``input_dir``, each sorted; hidden entries
     and the nnUNet_raw folder itself (should it lie inside) are skipped."""
@@ -81,7 +74,7 @@ def scan_folder(input_dir: str) -> Tuple[List[str], List[str], List[str]]:
                 volumes.append(path)
             elif fname.lower().endswith((".raw", ".zraw")) and fname.rsplit(".", 1)[0] in headers:
                 continue  # the voxel file of a .mhd header, read through the header
-            elif _is_dicom_file(path):
+            elif is_dicom_file(path):
                 has_dicom = True
             else:
                 ignored.append(path)

@@ -7,8 +7,10 @@ volume is reported by name instead of surfacing as a traceback deep inside nnU-N
 
 Two SimpleITK behaviours shape this module: it raises a bare ``RuntimeError`` for unreadable
 files (turned into NnsslError here), and it reads a *truncated* NIfTI (``.nii`` or
-``.nii.gz``) without complaint, returning garbage voxels -- so NIfTI files are also checked
-for completeness against their own header (:func:`check_nifti_complete`).
+``.nii.gz``) without complaint, returning zero-filled voxels -- so NIfTI files are also checked
+for completeness against their own header (:func:`check_nifti_complete`) in every header read,
+cheaply (file size, gzip trailer) and therefore always, not only with
+``--verify_dataset_integrity``.
 
 Image sizes and geometry are in SimpleITK's (x, y, z) order; voxel arrays are ``[Z, Y, X]``.
 """
@@ -98,37 +100,60 @@ def _last_line(e: Exception) -> str:
 def check_nifti_complete(path: str, decompress: bool = True) -> None:
     """Raise if a NIfTI file holds fewer bytes than its header promises.
 
-    ``.nii``: compares the file size (cheap). ``.nii.gz``: only with ``decompress`` -- the whole
-    gzip stream is decompressed, which also verifies its end marker and checksum.
+    The header promises ``vox_offset + prod(dim) * bitpix / 8`` bytes. ``.nii``: compared with
+    the file size. ``.nii.gz``: compared with the gzip trailer's ISIZE (the decompressed length
+    mod 2**32, the file's last 4 bytes), which costs two small reads: a file cut short ends in
+    compressed data instead, whose last 4 bytes match by chance with probability 2**-32. Only
+    when they do not match, or with ``decompress``, is the whole stream decompressed (which also
+    verifies its end marker and checksum): multi-member gzip files (ISIZE covers the last member
+    only) or files with bytes after the voxel data are then judged by their real length.
     """
     lower = path.lower()
-    if not (lower.endswith(".nii") or (lower.endswith(".nii.gz") and decompress)):
+    if not lower.endswith((".nii", ".nii.gz")):
         return
     import nibabel  # an nnunetv2 dependency; used only to parse the on-disk NIfTI header
 
     try:
-        hdr = nibabel.load(path).header
-        expected = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+        img = nibabel.load(path)
+        expected = int(img.dataobj.offset) + int(np.prod(img.header.get_data_shape())) * \
+            img.header.get_data_dtype().itemsize
     except (nibabel.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as e:
+        if lower.endswith(".gz"):  # a small file cut short fails already here: say that it is cut
+            _gzip_length(path)
         raise NnsslError(f"'{path}' is not a valid NIfTI file ({e}); re-export or re-download it.") from None
     if lower.endswith(".nii"):
         actual = os.path.getsize(path)
+    elif not decompress and _gzip_isize(path) == expected % 2 ** 32:
+        return
     else:
-        actual = 0
-        try:
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
-        except (EOFError, OSError, zlib.error) as e:
-            raise NnsslError(
-                f"'{path}' is a truncated or corrupt gzip file ({e}); it was probably cut off by an interrupted "
-                f"copy or download. Copy or download it again."
-            ) from None
+        actual = _gzip_length(path)
     if actual < expected:
         raise NnsslError(
             f"'{path}' is truncated: its header needs {expected} bytes of data but the file holds {actual}. "
             f"Copy or download it again."
         )
+
+
+def _gzip_isize(path: str) -> int:
+    """The gzip trailer's ISIZE field: the uncompressed length mod 2**32 (little-endian, last 4 bytes)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4))
+        return int.from_bytes(f.read(4), "little")
+
+
+def _gzip_length(path: str) -> int:
+    """Decompressed length of a whole gzip file; NnsslError if the stream is cut off or corrupt."""
+    actual = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                actual += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        raise NnsslError(
+            f"'{path}' is a truncated or corrupt gzip file ({e}); it was probably cut off by an interrupted "
+            f"copy or download. Copy or download it again."
+        ) from None
+    return actual
 
 
 def check_3d(h: ImageHeader) -> None:
@@ -211,29 +236,6 @@ def check_label_values(array: np.ndarray, allowed: Set[int], path: str, dataset_
 def require_folder(path: str, what: str, fix: str) -> None:
     if not os.path.isdir(path):
         raise NnsslError(f"{what} '{path}' does not exist or is not a folder. {fix}")
-
-
-def dicom_series(folder: str) -> List[Tuple[str, List[str]]]:
-    """All DICOM series in one folder (not recursive): [(series_uid, slice files sorted by GDCM)]."""
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    if not uids:
-        raise NnsslError(
-            f"Folder '{folder}' holds DICOM-like files but no readable DICOM series (missing series UID or "
-            f"pixel data). Export the series again, or remove the files from the input."
-        )
-    return [(uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))) for uid in sorted(uids)]
-
-
-def read_dicom_series(folder: str, uid: str, files: List[str]) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        return reader.Execute()
-    except RuntimeError as e:
-        raise NnsslError(
-            f"Cannot read DICOM series {uid} in '{folder}': {_last_line(e)}. Some slices are probably corrupt; "
-            f"export the series again."
-        ) from None
 
 
 # ---------------------------------------------------------------------------- raw dataset folders
@@ -334,8 +336,9 @@ def validate_raw_dataset(folder: str, full: bool = True, progress: bool = True) 
     """Check an nnU-Net raw dataset folder; raise NnsslError on the first problem.
 
     ``full=False``: dataset.json, files present per channel/label, readable headers, 3D, same
-    geometry across a case's channels and label. ``full=True`` also reads every voxel: finite
-    intensities, label values listed in dataset.json, complete gzip streams. Datasets marked
+    geometry across a case's channels and label, NIfTI files as long as their header says
+    (file size / gzip trailer). ``full=True`` also reads every voxel: finite intensities, label
+    values listed in dataset.json, gzip streams decompressed to their end (checksum). Datasets marked
     ``"nnssl_unlabeled": true`` have no labels. Returns ``{"cases", "test_cases", "unlabeled"}``.
     """
     require_folder(folder, "Dataset folder", "Convert the dataset first (nnssl_convert_*) or check nnUNet_raw.")

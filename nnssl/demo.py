@@ -8,6 +8,14 @@ evaluation -> comparison report (tables and ``report.png`` with the learning cur
 runs; ``segmentation.png`` with a test slice and both predictions) -> a plain verdict (does
 the pretrained start beat scratch?) and where every picture is.
 
+Paired and reproducible: before each fine-tuning run every global generator (Python's
+``random``, numpy's, torch's) is seeded with ``--seed`` and nnU-Net's loader runs in this process
+(``nnUNet_n_proc_DA=0``; its worker processes are not seeded), so the scratch and the pretrained
+run draw the same batches and augmentations, and two fresh runs with the same ``--seed`` print the
+same Dice. ``--seed`` also seeds the synthetic data and the pretraining (its own folder
+``<name>_seed<S>`` for seeds other than 0). One seed is one paired sample: the verdict says
+so, and names the command that measures the difference over seeds.
+
 Each step is skipped when its output already exists, so an interrupted demo resumes where it
 stopped. The demo uses its own nnU-Net folder tree under the output directory (it never
 touches the user's nnUNet_raw/preprocessed/results) and the ``tiny`` network preset, so it
@@ -15,8 +23,8 @@ runs on 2 CPU cores. The two fine-tuning runs get separate results trees because
 names a result folder by trainer, plans and configuration only.
 
 Speed on 2 cores (benchmarks/bench_iteration_profile.py): nnU-Net's augmentation runs in the
-main process (``nnUNet_n_proc_DA=0`` unless the user set it; loader worker processes compete
-with torch's threads for the two cores and made an iteration ~40 % slower), the final
+main process (``nnUNet_n_proc_DA=0``, needed for the pairing above anyway; loader worker
+processes compete with torch's threads for the two cores and made an iteration ~40 % slower), the final
 validation on the training cases is skipped (fold ``all`` validates on its own training data,
 and the test cases are evaluated anyway), and prediction runs sequentially in this process.
 Fine-tuning uses CPU bf16 autocast where the CPU has it natively (``--cpu_precision auto`` of
@@ -30,6 +38,7 @@ including pretraining and data preparation). Organs appear roughly
 in order of size, the thin vessels last, so the run must outlast the aorta's onset while the lr
 is still high.
 """
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -110,21 +119,44 @@ def prepare_data(s: DemoSettings, root: str) -> Tuple[Dict[str, str], str]:
     return tree, labels_ts
 
 
-def finetune_and_test(s: DemoSettings, tree: Dict[str, str], labels_ts: str, run_root: str, pretrained) -> str:
-    """Fine-tune fold 'all' (resuming an interrupted run), predict and evaluate the test cases; returns the
-    prediction folder."""
-    from nnssl.evaluation.evaluate import evaluate_folder
-    from nnssl.inference.predict import predict
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators. nnU-Net's trainer draws from them (network
+    initialization, the loader's cases and crops, augmentation), so this is the only way to pair runs."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def finetune(s: DemoSettings, run_root: str, pretrained, dataset: str = "BTCV") -> str:
+    """Fine-tune fold 'all' of ``dataset`` (resuming an interrupted run) in ``run_root``'s own results tree,
+    every generator seeded with ``s.seed`` first and the loader in this process (module docstring);
+    returns the fold folder."""
     from nnssl.training.finetune import train
 
     os.environ["nnUNet_results"] = os.path.join(run_root, "nnUNet_results")
     fold_dir = _fold_dir(run_root)
-    if fold_dir is None or not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
-        resume = fold_dir is not None and os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth"))
-        fold_dir = train("BTCV", "3d_fullres", "all", architecture=s.architecture, trainer=s.trainer,
-                         pretrained=None if resume else pretrained, epochs=s.finetune_epochs,
-                         iterations_per_epoch=s.iterations_per_epoch, val_iterations=1, device="cpu",
-                         continue_training=resume, final_validation=False)["output_folder"]
+    if fold_dir is not None and os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+        return fold_dir
+    resume = fold_dir is not None and os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth"))
+    os.environ["nnUNet_n_proc_DA"] = "0"  # nnU-Net's loader workers are not seeded
+    seed_everything(s.seed)
+    return train(dataset, "3d_fullres", "all", architecture=s.architecture, trainer=s.trainer,
+                 pretrained=None if resume else pretrained, epochs=s.finetune_epochs,
+                 iterations_per_epoch=s.iterations_per_epoch, val_iterations=1, device="cpu",
+                 continue_training=resume, final_validation=False)["output_folder"]
+
+
+def finetune_and_test(s: DemoSettings, tree: Dict[str, str], labels_ts: str, run_root: str, pretrained) -> str:
+    """Fine-tune (:func:`finetune`), predict and evaluate the test cases; returns the prediction folder."""
+    from nnssl.evaluation.evaluate import evaluate_folder
+    from nnssl.inference.predict import predict
+
+    fold_dir = finetune(s, run_root, pretrained)
     pred_dir = os.path.join(run_root, "test_predictions")
     if not os.path.isfile(os.path.join(pred_dir, "summary.json")):
         predict(os.path.join(tree["nnUNet_raw"], "Dataset001_BTCV", "imagesTs"), pred_dir, "BTCV", folds=("all",),
@@ -137,16 +169,17 @@ def finetune_and_test(s: DemoSettings, tree: Dict[str, str], labels_ts: str, run
     return pred_dir
 
 
-def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
+def run_demo(out_dir: str = "nnssl_demo", fast: bool = False, seed: int = 0) -> dict:
     from nnssl.evaluation.compare import compare_runs
     from nnssl.training.pretext_preview import show_pretext
     from nnssl.training.pretrainer import pretrain
 
-    s = FAST if fast else FULL
+    s = dataclasses.replace(FAST if fast else FULL, seed=int(seed))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NnsslError(f"Demo output '{out_dir}' exists and is not a folder; pass another -o.")
-    root = os.path.join(os.path.abspath(out_dir), s.name)  # fast and full runs never share data
-    os.environ.setdefault("nnUNet_n_proc_DA", "0")  # see the module docstring
+    # fast and full runs, and different seeds, never share data
+    root = os.path.join(os.path.abspath(out_dir), s.name + (f"_seed{s.seed}" if s.seed else ""))
+    os.environ["nnUNet_n_proc_DA"] = "0"  # see the module docstring
     t0 = time.time()
     tree, labels_ts = prepare_data(s, root)
 
@@ -174,7 +207,7 @@ def run_demo(out_dir: str = "nnssl_demo", fast: bool = False) -> dict:
     report = compare_runs(run_folders, os.path.join(root, "report"))
     segmentation_picture(root, tree, labels_ts, run_folders, ["scratch", f"{s.method} pretrained"])
     print("\n" + report["markdown"])
-    print("\n" + verdict(run_folders, s.method))
+    print("\n" + verdict(run_folders, s.method, s.seed))
     print(f"\nnnssl demo finished in {time.time() - t0:.0f} s.")
     print(pictures_message(root, run_folders))
     return {"root": root, "report": report, "runs": run_folders, "pictures": existing_pictures(root, run_folders)}
@@ -204,15 +237,22 @@ def _foreground_dice(pred_dir: str) -> float:
         return float(json.load(f)["foreground_mean"]["Dice"])
 
 
-def verdict(run_folders: List[str], method: str) -> str:
-    """One plain sentence: is the pretrained start better or worse than scratch on the test cases?"""
+def verdict(run_folders: List[str], method: str, seed: int = 0) -> str:
+    """Plain sentences: is the pretrained start better, worse or the same as scratch on the test cases
+    (the same at the printed precision: "no difference"), and why one seed cannot settle it."""
     scratch, pre = (_foreground_dice(p) for p in run_folders)
     diff = pre - scratch
-    if diff < 0:
-        return (f"The {method}-pretrained start is WORSE than scratch here: test mean Dice {pre:.3f} vs {scratch:.3f} "
-                f"({diff:+.3f}). One seed at a tiny budget; nnssl_benchmark_ssl measures it over seeds.")
-    return (f"The {method}-pretrained start is better than scratch here: test mean Dice {pre:.3f} vs {scratch:.3f} "
-            f"({diff:+.3f}). One seed at a tiny budget; nnssl_benchmark_ssl tells this from noise over seeds.")
+    if round(diff, 3) == 0:
+        head = (f"No difference: the {method}-pretrained start and scratch reach the same test mean Dice here "
+                f"({pre:.3f} vs {scratch:.3f}).")
+        size = "Nor can one seed tell a difference smaller than the seed-to-seed noise from none"
+    else:
+        word = "WORSE" if diff < 0 else "better"
+        head = (f"The {method}-pretrained start is {word} than scratch here: test mean Dice {pre:.3f} vs "
+                f"{scratch:.3f} ({diff:+.3f}).")
+        size = f"One seed cannot tell a difference of this size ({abs(diff):.3f} Dice) from seed-to-seed noise"
+    return (f"{head} {size} (this is seed {seed}, one paired sample at a tiny budget). To measure it, pair scratch "
+            f"and pretrained over seeds: nnssl_benchmark_ssl -m {method} --seeds 0 1 2 3 4")
 
 
 def existing_pictures(root: str, run_folders: List[str]) -> List[Tuple[str, str]]:
@@ -255,5 +295,5 @@ def copy_test_labels(testing_labels: str, dataset_folder: str) -> str:
 def _fold_dir(run_root: str):
     """The fold folder of a run started earlier, or None."""
     import glob
-    found = glob.glob(os.path.join(run_root, "nnUNet_results", "Dataset001_BTCV", "*", "fold_all"))
+    found = glob.glob(os.path.join(run_root, "nnUNet_results", "*", "*", "fold_all"))
     return found[0] if found else None

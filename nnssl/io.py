@@ -9,6 +9,27 @@ import os
 import uuid
 from typing import Iterator
 
+from nnssl.errors import NnsslError
+
+
+def check_writable(path: str, what: str) -> None:
+    """Refuse (NnsslError, exit 2) an output folder ``path`` that cannot be created or written.
+
+    Checked up front by every command that writes (predict, evaluate, compare, export, pretrain,
+    plan, train), so a read-only or misspelt location fails at once with the fix instead of with a
+    traceback after the work. The folder itself need not exist yet: its nearest existing ancestor
+    must be a writable folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NnsslError(f"{what} {path} cannot be created: {existing} is a file, not a folder. Choose another "
+                         f"location, or move the file away.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NnsslError(f"{what} {path} is not writable: {existing} is read-only for this user (permissions, or a "
+                         f"read-only file system). Choose a writable location, or make it writable (e.g. "
+                         f"chmod u+w {existing}).")
+
 
 def temp_name(final_path: str) -> str:
     """A hidden temporary name in the same folder that keeps the file's extension(s)

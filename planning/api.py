@@ -13,6 +13,8 @@ Stages (what ``nnssl_plan_and_preprocess`` runs):
 With ``part``/``total_parts`` only stage 4 runs, on that part's cases: the plans must
 already exist (``--no_pp`` makes them), so the jobs of a cluster array never race on them.
 """
+import functools
+import inspect
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -21,17 +23,42 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnssl import datasets, paths
+from nnssl import datasets, locks, paths
 from nnssl.architectures import ARCHITECTURES
 from nnssl.dataset_conversion.validation import validate_raw_dataset
 from nnssl.errors import NnsslError
 from nnssl.planning.planners import planner_for
 from nnssl.planning.preprocessing import CasePool, check_part, preprocess_labeled, remove_preprocessed
-from nnssl.planning.pretraining_data import INTASK, check_source, preprocess_pretraining, pretraining_data_folder
+from nnssl.planning.pretraining_data import (INTASK, check_source, is_own_images, preprocess_pretraining,
+                                             pretraining_data_folder)
 
 DEFAULT_CONFIGURATIONS = ("3d_fullres",)
 
 
+def _one_writer(fn):
+    """Run ``fn`` as the only writer of ``nnUNet_preprocessed/<Dataset>`` (:mod:`nnssl.locks`).
+
+    The ``--part`` jobs of a cluster array write disjoint cases and run together: each holds its
+    own lock, and a whole-dataset run and a part run exclude each other."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        part, total_parts = bound.get("part"), bound.get("total_parts")
+        paths.ensure_paths()
+        folder = os.path.join(paths.preprocessed(), datasets.resolve(bound["dataset"], where=("raw",)))
+        what = f"The preprocessed dataset {folder}"
+        name = locks.LOCK_NAME if part is None else f".nnssl.part-{part}-of-{total_parts}.lock"
+        with locks.exclusive(folder, what, name):
+            others = ([os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith(".nnssl.part-")]
+                      if part is None else [os.path.join(folder, locks.LOCK_NAME)])
+            locks.refuse_if_locked(others, what)
+            return fn(*args, **kwargs)
+    return locked
+
+
+@_one_writer
 def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet",),
                         pretraining: Sequence[str] = (), configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
                         num_processes: Optional[int] = None, part: Optional[int] = None,
@@ -39,29 +66,38 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
                         no_pp: bool = False, preset: Optional[str] = None,
                         gpu_memory_target: Optional[float] = None, clean: bool = False,
                         show_progress: bool = True, generic: bool = False, spacing=None,
-                        ct_window=None, zscore: bool = False, patch=None, like: Optional[str] = None) -> Dict[str, object]:
+                        ct_window=None, zscore: bool = False, patch=None, like: Optional[str] = None,
+                        intask_include_test: bool = False,
+                        patch_fit_fraction: Optional[float] = None) -> Dict[str, object]:
     """Plan and preprocess ``dataset`` (ID, full or short name); returns what was written:
     ``{"dataset", "plans": {arch: plans file}, "data": {data_identifier: folder},
     "pretraining": {source: {configuration: folder}}}``.
 
     ``generic``: plan an unlabeled pool on its own (``planning/generic.py``; ``spacing``,
-    ``ct_window``, ``zscore``, ``patch`` apply). ``like``: plan the labeled ``dataset`` like a pretraining
-    checkpoint or model archive (``planning/like.py``) instead of with ``architectures``.
+    ``ct_window``, ``zscore``, ``patch``, ``patch_fit_fraction`` apply). ``like``: plan the labeled
+    ``dataset`` like a pretraining checkpoint or model archive (``planning/like.py``) instead of with
+    ``architectures``.
+    ``intask_include_test``: the target's (or the pool's) imagesTs join its ``intask`` pretraining data
+    (``planning/pretraining_data.py``; warned and recorded).
     """
-    if generic or spacing is not None or ct_window is not None or zscore or patch is not None:
+    if generic or spacing is not None or ct_window is not None or zscore or patch is not None or \
+            patch_fit_fraction is not None:
         if not generic:
-            raise NnsslError("--spacing, --ct_window, --zscore and --patch plan an unlabeled pool on its own: add --generic "
-                             "(a labeled dataset is planned by nnU-Net's rules, or --like a checkpoint).")
+            raise NnsslError("--spacing, --ct_window, --zscore, --patch and --patch_fit_fraction plan an unlabeled "
+                             "pool on its own: add --generic (a labeled dataset is planned by nnU-Net's rules, or "
+                             "--like a checkpoint).")
         if like is not None or pretraining:
             raise NnsslError("--generic plans the pool itself (its images are its pretraining data): drop --like/-pd.")
-        from nnssl.planning.generic import MIS_FM_CT_WINDOW, plan_and_preprocess_generic
+        from nnssl.planning.generic import MIS_FM_CT_WINDOW, PATCH_FIT_FRACTION, plan_and_preprocess_generic
 
         return plan_and_preprocess_generic(
             dataset, architectures, spacing=spacing, ct_window=ct_window or MIS_FM_CT_WINDOW, zscore=zscore,
             patch=patch, configuration=configurations[0],
             num_processes=default_num_processes if num_processes is None else int(num_processes), part=part,
             total_parts=total_parts, verify_dataset_integrity=verify_dataset_integrity, no_pp=no_pp, preset=preset,
-            gpu_memory_target=gpu_memory_target, clean=clean, show_progress=show_progress)
+            gpu_memory_target=gpu_memory_target, clean=clean, show_progress=show_progress,
+            include_test=intask_include_test,
+            patch_fit_fraction=PATCH_FIT_FRACTION if patch_fit_fraction is None else float(patch_fit_fraction))
     paths.ensure_paths()
     num_processes = default_num_processes if num_processes is None else int(num_processes)
     if num_processes < 1:
@@ -78,12 +114,16 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
             spec.planner_class().preset_overrides(preset)  # raises NnsslError naming the available presets
     target = datasets.resolve(dataset, where=("raw",))
     sources = [INTASK if s == INTASK else datasets.resolve(s, where=("raw",)) for s in dict.fromkeys(pretraining)]
+    if intask_include_test and not any(is_own_images(target, s) for s in sources):
+        raise NnsslError(f"--intask_include_test adds {target}'s imagesTs to its in-task pretraining data, but no -pd "
+                         f"names it: add -pd intask (or drop the flag).")
     for source in sources:  # cheap checks first: fail before any long work
-        check_source(target, source)
+        check_source(target, source, intask_include_test)
     if like is not None:  # a damaged or foreign-but-unreadable checkpoint, before fingerprinting
         from nnssl.checkpoints import load_pretraining_checkpoint
         load_pretraining_checkpoint(like)
-    rerun_hint = _command(target, specs, sources, configurations, preset)
+    rerun_hint = _command(target, specs, sources, configurations, preset) + (
+        " --intask_include_test" if intask_include_test else "")
 
     if part is None or verify_dataset_integrity:
         _validate(target, [s for s in sources if s != INTASK], verify_dataset_integrity, show_progress)
@@ -119,7 +159,8 @@ def plan_and_preprocess(dataset, architectures: Sequence[str] = ("plainconvunet"
         for source in sources:
             for c in pretrain_configs:
                 result["pretraining"][source][c] = preprocess_pretraining(
-                    target, source, pretrain_plans, c, pool, part, total_parts, rerun_hint, show_progress)
+                    target, source, pretrain_plans, c, pool, part, total_parts, rerun_hint, show_progress,
+                    intask_include_test)
     return result
 
 

@@ -9,9 +9,17 @@ what fine-tuning sees (SPEC §4, "target-planned"). Layout::
         <case>.b2nd, <case>_seg.b2nd, <case>.pkl   (nnU-Net's blosc2 format; seg = nonzero mask 0/-1)
         nnsslPretrain_manifest.json                (written at the end of every run or part)
 
-``intask`` is the target's own images (imagesTr, and imagesTs with a ``Ts__`` prefix), without
-labels. Any other source is a raw dataset (ideally marked ``"nnssl_unlabeled": true``); only
-its images are used (imagesTr and imagesTs, the latter prefixed ``Ts__``).
+``intask`` is the target's own training images (imagesTr), without labels. Its imagesTs are
+evaluation images: LWI pretrains on "the same training dataset" it segments, HybridMIM on the
+training set "to avoid data leakage"; so they join (with a ``Ts__`` prefix) only with ``include_test``
+(``--intask_include_test``), which warns and is recorded in the manifest. The same holds when
+``-pd`` names the target itself. Any other source is a raw dataset (ideally marked
+``"nnssl_unlabeled": true``); only its images are used (imagesTr and imagesTs, the latter
+prefixed ``Ts__``).
+
+The manifest lists the cases (sorted) that make up the data; loaders use that list, so files of
+cases that no longer belong (e.g. imagesTs left from an earlier ``--intask_include_test`` run)
+are ignored.
 
 Note for loaders: the manifest sits in the data folder, so read it with
 ``nnUNetDatasetBlosc2`` directly rather than nnU-Net's ``infer_dataset_class`` (which expects
@@ -56,14 +64,21 @@ def pretraining_data_folder(target_full_name: str, source: str, data_identifier:
     return os.path.join(paths.preprocessed(), target_full_name, f"{FOLDER_PREFIX}__{source}__{data_identifier}")
 
 
-def source_images(target_full_name: str, source: str) -> Tuple[Dict[str, List[str]], dict]:
-    """{identifier: [channel files]} of a pretraining source (imagesTr + prefixed imagesTs) and its dataset.json."""
+def is_own_images(target_full_name: str, source: str) -> bool:
+    """Whether ``-pd source`` is the target's own images (``intask`` or the target's name)."""
+    return source in (INTASK, target_full_name)
+
+
+def source_images(target_full_name: str, source: str,
+                  include_test: bool = False) -> Tuple[Dict[str, List[str]], dict]:
+    """{identifier: [channel files]} of a pretraining source and its dataset.json: imagesTr, plus the
+    imagesTs (prefixed ``Ts__``) of another dataset, or of the target's own only with ``include_test``."""
     raw_folder = os.path.join(paths.raw(), target_full_name if source == INTASK else source)
     dataset_json = load_json(os.path.join(raw_folder, "dataset.json"))
     train = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)  # label paths are ignored
     cases = {k: list(v["images"]) for k, v in train.items()}
     test_folder = os.path.join(raw_folder, "imagesTs")
-    if os.path.isdir(test_folder):
+    if os.path.isdir(test_folder) and (include_test or not is_own_images(target_full_name, source)):
         ids = get_identifiers_from_splitted_dataset_folder(test_folder, dataset_json["file_ending"])
         files = create_lists_from_splitted_dataset_folder(test_folder, dataset_json["file_ending"], ids)
         cases.update({TEST_CASE_PREFIX + k: list(v) for k, v in zip(ids, files)})
@@ -106,22 +121,31 @@ def _reader_plans(plans_manager: PlansManager, source_json: dict, example_file: 
     return PlansManager({**plans_manager.plans, "image_reader_writer": other.__name__})
 
 
-def check_source(target_full_name: str, source: str) -> Dict[str, List[str]]:
+def check_source(target_full_name: str, source: str, include_test: bool = False) -> Dict[str, List[str]]:
     """The source's cases, after checking they fit the target (channels); cheap, so run before long work."""
     target_json = load_json(os.path.join(paths.raw(), target_full_name, "dataset.json"))
-    cases, source_json = source_images(target_full_name, source)
+    cases, source_json = source_images(target_full_name, source, include_test)
     _check_channels(source, target_full_name, cases, source_json, target_json)
     return cases
 
 
 def preprocess_pretraining(target_full_name: str, source: str, plans_file: str, configuration: str,
                            pool: CasePool, part: Optional[int] = None, total_parts: Optional[int] = None,
-                           rerun_hint: str = "", show_progress: bool = True) -> str:
-    """Preprocess the images of ``source`` (full dataset name or intask) with the target's plans; returns the folder."""
+                           rerun_hint: str = "", show_progress: bool = True, include_test: bool = False) -> str:
+    """Preprocess the images of ``source`` (full dataset name or intask) with the target's plans; returns the folder.
+
+    ``include_test``: also the target's own imagesTs (see the module docstring); warns."""
     plans_manager = PlansManager(plans_file)
     cm = plans_manager.get_configuration(configuration)
     target_json = load_json(os.path.join(paths.preprocessed(), target_full_name, "dataset.json"))
-    cases, source_json = source_images(target_full_name, source)
+    cases, source_json = source_images(target_full_name, source, include_test)
+    own_test = sorted(k for k in cases if k.startswith(TEST_CASE_PREFIX)) if is_own_images(target_full_name,
+                                                                                          source) else []
+    if own_test:
+        print(f"nnssl: WARNING --intask_include_test: the {len(own_test)} imagesTs image(s) of {target_full_name} "
+              f"are pretraining data ({TEST_CASE_PREFIX}<case>). A model pretrained on them has seen its test "
+              f"images: test results on imagesTs are then not independent of pretraining. This is recorded in "
+              f"{MANIFEST} (\"includes_test_images\": true) and in every checkpoint's case list.", file=sys.stderr)
     _check_channels(source, target_full_name, cases, source_json, target_json)
     folder = pretraining_data_folder(target_full_name, source, cm.data_identifier)
     signature = preprocessing_signature(plans_manager, cm)
@@ -140,8 +164,20 @@ def preprocess_pretraining(target_full_name: str, source: str, plans_file: str, 
         "num_cases": len(finished_cases(folder) & set(cases)),
         "num_expected": len(cases),
         "signature": signature,
+        "includes_test_images": bool(own_test),
+        "cases": sorted(cases),
     }, os.path.join(folder, MANIFEST))
     return folder
+
+
+def pretraining_cases(folder: str) -> List[str]:
+    """The sorted identifiers of a pretraining data folder: its manifest's ``cases`` (manifests written
+    before the list existed: every finished case in the folder)."""
+    with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    if "cases" in manifest:
+        return sorted(manifest["cases"])
+    return sorted(finished_cases(folder))
 
 
 def find_pretraining_data(target_full_name: str, source: str, data_identifier: str, architecture: str = "") -> str:
@@ -159,7 +195,8 @@ def find_pretraining_data(target_full_name: str, source: str, data_identifier: s
                          f"({data_identifier}; expected {folder}). Run `{command}` first.")
     with open(manifest_file, encoding="utf-8") as f:
         manifest = json.load(f)
-    n_done = len(finished_cases(folder))
+    n_done = len(finished_cases(folder) & set(manifest["cases"])) if "cases" in manifest else len(
+        finished_cases(folder))
     if n_done < manifest["num_expected"]:
         raise NnsslError(f"The pretraining data in {folder} is incomplete ({n_done} of {manifest['num_expected']} "
                          f"cases). Rerun `{command}` (all --part jobs, if you split it) to finish it.")

@@ -7,6 +7,10 @@ shrinks the patch until ``QTUNet.compute_conv_feature_map_size`` (counted from t
 linear outputs, attention maps, norms) fits nnU-Net's budget; QT-UNet-B at 96^3 (the paper's CT
 patch) fits the default 8 GB. Every hyper-parameter is written into the plans' ``arch_kwargs``.
 
+The cross-attention's keys/values are the arch kwarg ``cross_kv_source``, written into the plans:
+"encoder_output" (the paper); set it to "encoder_input" in the plans' ``arch_kwargs`` to reproduce
+the authors' code (``nnssl.architectures.qt_unet``'s docstring).
+
 Assumption: isotropic merging on every axis (the paper merges all three axes and trains on
 96^3 / 128^3 cubes), so anisotropic data gets a patch that is a multiple of 32 per axis.
 """

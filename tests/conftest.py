@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated nnU-Net folder tree per test and tiny datasets."""
 import hashlib
+import importlib
 import json
 import os
 
@@ -10,6 +11,33 @@ import SimpleITK as sitk
 # Validation export and preprocessing are faster with one process on 2 cores.
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
+
+
+def require_optional(name: str, min_version: str = None, below_version: str = None):
+    """Import the optional (test-only, ``pip install -e .[dev]``) module ``name`` and return it, its top-level
+    package's ``__version__`` in [``min_version``, ``below_version``). Where it is missing or outside that range
+    the test is skipped on a developer machine but FAILS when ``CI=true`` (CI installs ``[dev]``, so a skip
+    there would hide a parity test that never ran)."""
+    from packaging.version import Version
+
+    problem, module = None, None
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        problem = f"{name} is not installed ({e})"
+    if module is not None:
+        top = importlib.import_module(name.split(".")[0])
+        version = Version(str(getattr(top, "__version__", "0")).split("+")[0])
+        if (min_version and version < Version(min_version)) or (below_version and version >= Version(below_version)):
+            wanted = " and ".join(w for w in (min_version and f">= {min_version}", below_version and f"< {below_version}")
+                                  if w)
+            problem = f"{name.split('.')[0]} {version} is installed, this test needs {wanted}"
+    if problem is None:
+        return module
+    message = f"{problem}: install the test extra (pip install -e .[dev])."
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +132,8 @@ def blob_dataset(nnunet_env):
 @pytest.fixture(scope="session")
 def pretrain_tree(tmp_path_factory):
     """Dataset001_Blobs (2 train + 1 test case of 16x32x32 voxels) planned once per session with every
-    registered architecture (``--preset tiny``) and preprocessed with its in-task pretraining data.
+    registered architecture (``--preset tiny``) and preprocessed with its in-task pretraining data,
+    the test case included (``--intask_include_test``: three scans, so Volume Fusion's pairs vary).
 
     Shared and read-only. Every registered architecture is planned: a planner that fails to import
     fails the tests that use this tree (no silent skips).
@@ -124,7 +153,7 @@ def pretrain_tree(tmp_path_factory):
         mp.setenv("nnUNet_n_proc_DA", "1")
         write_raw_dataset(tree["nnUNet_raw"], n_train=2, n_test=1, shape=(16, 32, 32))
         plan_and_preprocess("Dataset001_Blobs", architectures=planned, pretraining=["intask"], preset="tiny",
-                            num_processes=1, show_progress=False)
+                            num_processes=1, show_progress=False, intask_include_test=True)
     return {**tree, "dataset": "Dataset001_Blobs", "architectures": planned}
 
 

@@ -176,3 +176,54 @@ def test_cli_help_lists_flags(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     assert all(f in out for f in ("-i", "-d", "--name", "--channel_name", "--skip_bad", "--overwrite"))
+
+
+def _series_with_bad_slice(src, how):
+    """A 6-slice series 3.44 mm apart in src/ct (int16 [Z, Y, X] = [6, 8, 9]), one slice then dropped or cut."""
+    folder = os.path.join(src, "ct")
+    arr = np.random.default_rng(3).integers(-1000, 1000, (6, 8, 9)).astype(np.int16)
+    write_dicom_series(folder, arr, (0.7, 0.7, 3.44), (0.0, 0.0, 0.0), f"{UID_ROOT}.9", "s")
+    victim = os.path.join(folder, "s002.dcm" if how != "cut_last" else "s005.dcm")
+    if how == "dropped":
+        os.remove(victim)
+    else:  # an interrupted copy: GDCM leaves the cut file out of the series
+        data = open(victim, "rb").read()
+        open(victim, "wb").write(data[: len(data) - 50])
+    return folder
+
+
+@pytest.mark.parametrize("how, message", [
+    # ITK would stack the 5 remaining slices 4.3 mm apart (17.2 mm / 4) instead of 3.44 mm
+    ("dropped", r"slices s001.dcm and s003.dcm are 6.88 mm apart, while the other slices are 3.44 mm apart"),
+    ("cut", r"s002.dcm in '.*ct' belong to no readable series"),
+    ("cut_last", r"s005.dcm in '.*ct' belong to no readable series"),  # no gap in the positions
+])
+def test_dicom_series_with_missing_or_truncated_slice(nnunet_env, tmp_path, capsys, how, message):
+    src = str(tmp_path / "volumes")
+    os.makedirs(src)
+    write_image(os.path.join(src, "ok.nii.gz"), np.zeros((4, 5, 6), np.int16))
+    folder = _series_with_bad_slice(src, how)
+    with pytest.raises(SystemExit) as e:
+        main(["-i", src, "-d", "6", "--name", "Pool"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err) and "--skip_bad" in err, err
+    assert os.listdir(nnunet_env["nnUNet_raw"]) == []
+    out = convert_unlabeled(src, dataset_id=6, name="Pool", skip_bad=True, progress=False)
+    with open(os.path.join(out, "conversion_log.json"), encoding="utf-8") as f:
+        log = json.load(f)
+    assert [c["source"] for c in log["cases"]] == [os.path.join(src, "ok.nii.gz")]
+    assert [s["source"] for s in log["skipped"]] == [folder]
+    assert __import__("re").search(message, log["skipped"][0]["error"])
+
+
+def test_slice_positions_tolerate_rounding_but_not_duplicates():
+    from nnssl.dataset_conversion.dicom import check_slice_positions
+
+    names = [f"s{i}" for i in range(5)]
+    check_slice_positions([0.0, 3.44, 6.88, 10.33, 13.76], names, "series")  # 0.01 mm rounding
+    check_slice_positions([13.76, 10.32, 6.88, 3.44, 0.0], names, "series")  # descending order
+    with pytest.raises(NnsslError, match="series: slices s1 and s2 lie at the same position"):
+        check_slice_positions([0.0, 3.44, 3.44, 6.88, 10.32], names, "series")
+    with pytest.raises(NnsslError, match="slices s2 and s3 are 4 mm apart.*3 mm apart.*unevenly spaced"):
+        check_slice_positions([0.0, 3.0, 6.0, 10.0, 13.0], names, "series")

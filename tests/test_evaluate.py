@@ -140,8 +140,24 @@ def test_label_value_not_in_dataset_json_names_file_and_value(folders):
     bad = seg(two_cube(0))
     bad[5, 5, 5] = 7
     write_image(os.path.join(pred, "c2.nii.gz"), bad, SPACING_XYZ)
-    with pytest.raises(NnsslError, match=r"c2\.nii\.gz: label values \[7\]"):
+    with pytest.raises(NnsslError, match=r"c2\.nii\.gz: label values \[7\] are not in dataset.json \(allowed: "
+                                         r"\[0, 1, 2\]\)"):  # plain numbers, not np.int64(0)
         evaluate_folder(ref, pred, "Eval")
+
+
+def test_truncated_prediction_is_refused(folders, capsys):
+    """ITK reads a cut-off .nii.gz zero-filled: it would be scored as an empty prediction."""
+    ref, pred = folders
+    p = os.path.join(pred, "c2.nii.gz")
+    data = open(p, "rb").read()
+    with open(p, "wb") as f:
+        f.write(data[: len(data) - 6])  # into the gzip trailer: the voxels decode, the stream does not end
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["-ref", ref, "-pred", pred, "-d", "Eval"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "c2.nii.gz' is a truncated or corrupt gzip" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(pred, "summary.json"))
 
 
 def test_shape_and_geometry_mismatch_name_the_case(folders):

@@ -136,7 +136,7 @@ def test_run_options_on_resume_keep_saved_values_unless_given():
     assert (merged.epochs, merged.iterations_per_epoch, merged.warmup_epochs) == (8, 3, 2)
 
 
-def test_checkpoints_that_do_not_fit_are_refused(pretrain_env, vf_checkpoint, tmp_path):
+def test_checkpoints_that_do_not_fit_are_refused(pretrain_env, vf_checkpoint, tmp_path, monkeypatch):
     run = build_trainer(DS, "3d_fullres", "all", device="cpu")
     tr = run.trainer
     tr.initialize()
@@ -182,6 +182,22 @@ def test_checkpoints_that_do_not_fit_are_refused(pretrain_env, vf_checkpoint, tm
     msg = str(e.value)
     assert f"spacing: checkpoint {spacing!r}" in msg and f"channel 0 intensity percentile_99_5: checkpoint {p995!r}" in msg
     assert "--allow_plans_mismatch" in msg and "plans_name: checkpoint 'nnUNetPlansOther'" in msg  # harmless, listed
+    # nnUNetPlansOther does not exist for this dataset, and its nnUNetPlans do not match: the hint says how to plan
+    assert "-p nnUNetPlansOther" not in msg
+    assert f"write some with `nnssl_plan_and_preprocess -d {DS} --like {other_plans}`" in msg
+    # ... and plans of this dataset that preprocess like the checkpoint are named
+    pp = tmp_path / "pp" / DS
+    pp.mkdir(parents=True)
+    with open(os.path.join(pretrain_env["nnUNet_preprocessed"], DS, "nnUNetPlans.json"), encoding="utf-8") as f:
+        coarse = json.load(f)
+    coarse["plans_name"] = "nnUNetPlansCoarse"
+    coarse["configurations"]["3d_fullres"]["spacing"] = spacing
+    (pp / "nnUNetPlansCoarse.json").write_text(json.dumps(coarse), encoding="utf-8")
+    (pp / "dataset.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pp"))
+    with pytest.raises(NnsslError, match=rf"Fine-tune with {DS}'s plans that match it \(-p nnUNetPlansCoarse\)"):
+        inject_pretrained(tr, variant("coarse.pth", **{"normalization/spacing": spacing}))
+    monkeypatch.setenv("nnUNet_preprocessed", pretrain_env["nnUNet_preprocessed"])
     assert not os.path.exists(os.path.join(run.fold_dir, "nnssl_pretrained.json"))
 
     report = inject_pretrained(tr, other_plans, allow_plans_mismatch=True)
@@ -299,3 +315,28 @@ def test_cli_passes_allow_plans_mismatch(monkeypatch):
         with pytest.raises(SystemExit) as e:
             main([DS, "3d_fullres", "all", "-pretrained", "ckpt.pth", *argv])
         assert e.value.code == 0 and seen["allow_plans_mismatch"] is expected
+
+
+def test_fold_range_and_retraining_a_finished_fold_is_announced(pretrain_env, monkeypatch, capsys):
+    from nnssl.training import finetune
+
+    with pytest.raises(NnsslError, match="Fold '7': fold must be 0–4 or all"):
+        train(DS, "3d_fullres", 7, **TINY)
+    with pytest.raises(NnsslError, match="Fold '-1': fold must be 0–4 or all"):
+        train(DS, "3d_fullres", -1, **TINY)
+    fold_dir = finetune.fold_folder(DS, "nnsslTrainer", "nnUNetPlans", "3d_fullres", "all")
+    os.makedirs(fold_dir)
+    open(os.path.join(fold_dir, "checkpoint_final.pth"), "wb").close()  # a finished fold
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(finetune, "build_trainer", stop)  # the line must come before the trainer starts
+    with pytest.raises(Stop):
+        train(DS, "3d_fullres", "all", **TINY)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"overwrites {os.path.join(fold_dir, 'checkpoint_final.pth')}" in out
+    assert "fold all is already trained" in out and "--c continues it" in out

@@ -80,6 +80,17 @@ def test_generic_fingerprint_uses_the_body_not_labels(foundation):
     assert fp["nnssl_generic"]["num_cases"] == 5 and len(fp["spacings"]) == 5
 
 
+def test_generic_checkpoint_records_the_pool_cases_it_was_pretrained_on(foundation):
+    import hashlib
+
+    names = [f"pool_{i:03d}" for i in range(5)]
+    with open(os.path.join(os.path.dirname(foundation["ckpt"]), "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["pretraining_cases"] == names
+    ckpt = torch.load(foundation["ckpt"], weights_only=True)
+    assert ckpt["pretraining_cases_count"] == 5
+    assert ckpt["pretraining_cases_sha256"] == hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
 def test_like_plans_carry_the_checkpoints_spacing_normalization_and_network(foundation):
     ckpt = torch.load(foundation["ckpt"], weights_only=True)
     with open(foundation["like"]["plans"]["like"], encoding="utf-8") as f:

@@ -5,13 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 from nnssl.architectures.swinunetr import TINY, SwinUNETR
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import check_compatible, compatible_architectures
-from nnssl.ssl.hybrid_mim import HybridMIM, HybridMIMConfig, has_active_dropout, nt_xent, partial_decode
+from nnssl.ssl.encoder_dropout import has_active_dropout
+from nnssl.ssl.hybrid_mim import HybridMIM, HybridMIMConfig, nt_xent, partial_decode
 from nnssl.transforms.hybrid_masking import region_offsets, voxel_mask
 
 
@@ -98,9 +100,10 @@ def test_make_batch_and_loss_terms():
     torch.manual_seed(0)
     net = unet(stages=4)  # coarsest stride 8: the 32^3 region in 64 is centred at (0, 16, 16)
     method = HybridMIM(cfg, net, crop, 1)
-    assert method.region == (32, 32, 32) and method.alignment == (8, 8, 8) and method.method_dropout
+    assert method.region == (32, 32, 32) and method.alignment == (8, 8, 8)
+    assert len(method._dropout_hooks) == len(net.encoder.stages)  # dropout after every encoder stage
     losses = method.forward_loss(net, batch)
-    assert set(losses) == {"pr", "num", "loc", "con", "cl", "loss"}
+    assert set(losses) == {"pr", "num", "loc", "con", "cl", "cl_pos_cos", "loss"}
     total = losses["pr"] + 0.1 * losses["num"] + 0.1 * losses["loc"] + 0.01 * losses["con"] + 0.1 * losses["cl"]
     assert torch.allclose(losses["loss"], total)
     # untrained heads: the number CE is about log 9, the location BCE about 8 log 2
@@ -130,16 +133,22 @@ def test_reconstruction_loss_counts_masked_region_voxels_only():
     assert losses["pr"].item() == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_swinunetr_backbone_runs_and_uses_the_method_dropout():
+def test_swinunetr_backbone_gets_the_authors_drop_rate_and_distinct_views():
+    """The authors pretrain SwinUNETR with drop_rate 0.1: the two passes of one masked crop differ clearly."""
     cfg = HybridMIMConfig()
     crop = (32, 64, 64)
     torch.manual_seed(0)
     net = SwinUNETR(1, 1, **TINY)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert not has_active_dropout(net.encoder)
     method = HybridMIM(cfg, net, crop, 1)
-    assert method.alignment == (32, 32, 32) and not method.backbone_dropout and method.method_dropout
-    losses = method.forward_loss(net, _batch(cfg, crop)[0])
+    assert method.alignment == (32, 32, 32) and has_active_dropout(net.encoder) and not method._dropout_hooks
+    assert net.encoder.swinViT.pos_drop.p == 0.1
+    state = net.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    losses = method.forward_loss(net, _batch(cfg, crop, b=4)[0])
     assert all(torch.isfinite(v) for v in losses.values())
-    assert has_active_dropout(SwinUNETR(1, 1, drop_rate=0.1, **TINY))
+    assert losses["cl_pos_cos"].item() < 0.99  # measured 0.975
 
 
 def test_batch_of_one_with_the_contrastive_term_is_refused():
@@ -183,3 +192,97 @@ def test_preview_panels():
     assert (region > 0).sum() == 32 ** 3 and set(np.unique(region)) <= {0.0, 1.0, 2.0}
     grid = panels["masked input, sub-volume grid"]
     assert (grid[:, 32, :] == images[0, 0].max()).all()  # the sub-volume border along H
+
+
+def test_dropout_is_inside_the_encoder_and_the_state_dict_stays_the_planned_one():
+    """nnU-Net's U-Net has no dropout: hooks drop after every encoder stage in training mode only, so
+    every level (not just the bottleneck) differs between two passes, and nothing is added to the
+    state dict. (The replaced design dropped only the pooled bottleneck of one pass.)"""
+    crop = (32, 64, 64)
+    torch.manual_seed(0)
+    net = unet(stages=4)
+    x = torch.randn(2, 1, *crop)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        plain = net.eval().encoder(x)
+        method = HybridMIM(HybridMIMConfig(), net, crop, 1)
+        assert len(method._dropout_hooks) == 4
+        state = net.state_dict()
+        assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+        assert all(torch.equal(a, b) for a, b in zip(net.encoder(x), plain))  # eval: the hooks do nothing
+        first, second = net.train().encoder(x), net.encoder(x)
+    assert all(not torch.allclose(a, b) for a, b in zip(first, second))
+    assert len(HybridMIM(HybridMIMConfig(encoder_dropout_stages="first"), unet(stages=4), crop, 1)._dropout_hooks) == 1
+    assert not HybridMIM(HybridMIMConfig(weight_cl=0.0), unet(stages=4), crop, 1)._dropout_hooks
+    with pytest.raises(NnsslError, match="encoder_dropout_stages"):
+        HybridMIMConfig(encoder_dropout_stages="last")
+
+
+@pytest.mark.parametrize("second_pass_grad", [False, True])
+def test_two_encoder_passes_the_second_without_gradient_and_distinct_views(second_pass_grad):
+    """As the authors: the masked crop is encoded twice, the second time under no_grad (a field)."""
+    cfg = HybridMIMConfig(second_pass_grad=second_pass_grad)
+    crop = (32, 64, 64)
+    torch.manual_seed(0)
+    net = unet(stages=4)
+    method = HybridMIM(cfg, net, crop, 1)
+    grad_modes = []
+    net.encoder.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    losses = method.forward_loss(net, _batch(cfg, crop, b=4)[0])
+    assert grad_modes == [True, second_pass_grad]
+    assert 0.9 < losses["cl_pos_cos"].item() < 0.9999  # measured 0.9986; the same view twice gives 1
+    assert not losses["cl_pos_cos"].requires_grad
+
+
+class _PatchFractions(nn.Module):
+    """A stand-in encoder: level 0 is the input, the bottleneck (stride 32) has 8 channels per 32^3
+    sub-volume, channel k = the mean of the input over its patch k (raster order of the 2x2x2 patches)."""
+
+    output_channels = [1, 8]
+    strides = [1, 32]
+
+    def forward(self, x):
+        b = x.shape[0]
+        per_patch = F.avg_pool3d(x[:, :1], 16)  # [B, 1, 2 gd, 2 gh, 2 gw]
+        gd, gh, gw = (s // 2 for s in per_patch.shape[2:])
+        z = per_patch.reshape(b, gd, 2, gh, 2, gw, 2).permute(0, 2, 4, 6, 1, 3, 5).reshape(b, 8, gd, gh, gw)
+        return [x, z]
+
+
+class _ZeroDecoder(nn.Module):
+    def forward(self, features):
+        return features[0][:, :1] * 0
+
+
+def test_pooled_sub_volume_r_meets_label_row_r():
+    """Crops of ones: a masked patch reads 0, an unmasked one 1, so sub-volume r's pooled feature is the
+    inverse of its location bits and 8 minus its count. Heads that decode exactly that reach loss ~0 only
+    if forward_loss pairs pooled sub-volume r with label row r (and patch k with bit k)."""
+    cfg = HybridMIMConfig(weight_cl=0.0)
+    crop = (32, 64, 64)  # 4 sub-volumes
+    batch = HybridMIM.make_batch(cfg, np.ones((2, 1, *crop), np.float32), np.random.default_rng(3))
+    assert len({tuple(row) for row in batch["locations"].reshape(-1, 8).tolist()}) > 4  # rows tell apart
+    net = nn.Module()
+    net.encoder, net.decoder = _PatchFractions(), _ZeroDecoder()
+    method = HybridMIM(cfg, net, crop, 1)
+    s = 40.0
+    k = torch.arange(9, dtype=torch.float32)
+    with torch.no_grad():  # number logits s * (k * count - k^2 / 2): largest at k = count
+        method.number_head.weight.copy_(-s * k[:, None].expand(9, 8))
+        method.number_head.bias.copy_(s * (8 * k - k ** 2 / 2))
+        method.location_head.weight.copy_(-s * torch.eye(8))  # logit s * (1/2 - fraction): masked -> 1
+        method.location_head.bias.fill_(s / 2)
+        losses = method.forward_loss(net, batch)
+        assert losses["num"].item() < 1e-4 and losses["loc"].item() < 1e-4
+        rolled = dict(batch, counts=batch["counts"].roll(1, dims=1), locations=batch["locations"].roll(1, dims=1))
+        assert method.forward_loss(net, rolled)["loc"].item() > 1.0
+
+
+def test_cl_pos_cos_reaches_the_training_log(pretrain_env):
+    from nnssl.training.pretrainer import pretrain
+    out = pretrain("Dataset001_Blobs", "hybrid_mim", "plainconvunet", iterations=2, iterations_per_epoch=2,
+                   batch_size=2, device="cpu", num_workers=0)
+    with open(f"{out}/training_log.txt", encoding="utf-8") as f:
+        line = next(line for line in f if "cl_pos_cos" in line)
+    value = float(line.split("cl_pos_cos ")[1].split(",")[0])
+    assert 0.5 < value < 1.0

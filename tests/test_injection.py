@@ -135,9 +135,10 @@ def test_linear_warmup_scales_poly_schedule():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
 
 
-def test_pct_step_schedule_halves_every_5k_iterations():
+def test_epoch_step_lr_halves_every_step_epochs():
+    """EpochStepLR alone (the PCT-Net trainer's use of it: tests/test_schedules.py)."""
     opt = _optimizer()
-    sched = EpochStepLR(opt, 1e-3, step_epochs=round(5000 / 250))
+    sched = EpochStepLR(opt, 1e-3, step_epochs=20)
     for epoch, lr in ((0, 1e-3), (19, 1e-3), (20, 5e-4), (45, 2.5e-4)):
         sched.step(epoch)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr)

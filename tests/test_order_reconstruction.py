@@ -12,11 +12,14 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
+from nnssl.architectures.build import build_network
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import compatible_architectures
 from nnssl.ssl.order_reconstruction import (OrderReconstruction, OrderReconstructionConfig, SlabOrderHead,
                                             probe_level_shapes, slab_layout, slab_pool)
-from nnssl.transforms.slab_shuffle import shuffle_slabs
+from nnssl.training.pretrainer import build_optimizer
+from nnssl.training.schedules import schedule_from_config
+from nnssl.transforms.slab_shuffle import shuffle_and_mask, shuffle_slabs
 
 CROP = (16, 16, 16)
 
@@ -201,3 +204,57 @@ def test_cli_refuses_a_crop_without_two_slabs(pretrain_env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "B >= 2" in err and ">= 64" in err
     assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("arch", ["unetr", "unetr_pp"])
+def test_transformer_backbones_default_to_the_four_transformer_levels(arch):
+    """Table VIII's best is t1..t4: four heads on the transformer levels, none on the input conv block (level 0,
+    the only full-resolution level: depth 32 of the 32-deep crop)."""
+    torch.manual_seed(0)
+    crop = (32, 32, 32)
+    cfg = OrderReconstruction.configure(OrderReconstruction.default_config(arch),
+                                        lambda: build_network(arch, crop, 1, 1, preset="tiny"), crop, 1)
+    net = build_network(arch, crop, 1, OrderReconstruction.network_output_channels(cfg), preset="tiny")
+    method = OrderReconstruction(cfg, net, crop, 1)
+    assert probe_level_shapes(net, crop, 1)[0][1] == 32
+    assert method.levels == [1, 2, 3, 4] and len(method.heads) == 4
+    assert cfg.backbone_defaults == arch and cfg.order_levels == "-4,-3,-2,-1"
+
+
+def test_other_backbones_default_to_every_level():
+    assert OrderReconstruction.default_config("plainconvunet") == OrderReconstructionConfig()
+    assert OrderReconstructionConfig().order_levels == "all"
+    assert make_method()[2].levels == [0, 1, 2]  # a head on every encoder level of the U-Net
+
+
+def _mask_of(cfg, shape):
+    images = np.zeros((1, 1) + shape, np.float32)
+    return shuffle_and_mask(images, np.random.default_rng(0), 4, cfg)[1]
+
+
+def test_unetr_pp_masks_fixed_4_cubed_patches_at_its_patch():
+    """The authors' UNETR++ code masks 4³ patches of the 64 x 128 x 128 crop (not 16³ scaled to 11 x 21 x 21)."""
+    shape = (64, 128, 128)
+    assert _mask_of(OrderReconstructionConfig(), shape)["patch_size"] == (11, 21, 21)  # the generic scaling
+    aux = _mask_of(OrderReconstruction.default_config("unetr_pp"), shape)
+    assert aux["patch_size"] == (4, 4, 4)
+    mask = aux["mask"][0].reshape(16, 4, 32, 4, 32, 4)
+    blocks = mask.any(axis=(1, 3, 5))
+    assert np.array_equal(blocks, mask.all(axis=(1, 3, 5)))  # constant on every 4³ block
+    assert blocks.sum() == round(0.4 * 16 * 32 * 32)  # exactly 40 % of the 16384 patches
+
+
+def test_unetr_pp_step1_optimizer_is_the_authors_sgd_with_poly_decay():
+    cfg = OrderReconstruction.default_config("unetr_pp")
+    opt = build_optimizer(cfg, [nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-4, 0.99, True, 3e-5)
+    assert cfg.grad_clip == 12.0
+    sched = schedule_from_config(cfg, 100, 1e-4)
+    assert sched.kind == "poly" and sched.warmup_iterations == 0
+    assert sched.lr(50) == pytest.approx(1e-4 * 0.5 ** 0.9)
+    # UNETR keeps AdamW + warm-up/cosine; its warm-up is the authors' 50 of 800 epochs
+    unetr = OrderReconstruction.default_config("unetr")
+    assert isinstance(build_optimizer(unetr, [nn.Parameter(torch.zeros(2))]), torch.optim.AdamW)
+    assert schedule_from_config(unetr, 800, 1e-4).warmup_iterations == 50

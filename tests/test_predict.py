@@ -244,3 +244,79 @@ def test_cli_turns_user_errors_into_exit_code_2(model, inputs, tmp_path, capsys)
               "-device", "cpu"])
     assert e.value.code == 2
     assert "Fold 1 has no checkpoint_final.pth" in capsys.readouterr().err
+
+
+def test_truncated_or_nan_input_is_refused(model, inputs, monkeypatch, tmp_path):
+    """ITK would zero-fill the cut file and turn the NaN into 0: both refused, naming the case."""
+    monkeypatch.setenv("nnUNet_results", str(model["root"] / "results"))
+    out = tmp_path / "out"
+    bad = tmp_path / "bad"
+    shutil.copytree(inputs, bad)
+    victim = bad / "rotated_0000.nii.gz"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(NnsslError, match=r"Input case 'rotated' \(-i\) is not predicted: .*rotated_0000.nii.gz' is a "
+                                         r"truncated or corrupt gzip"):
+        predict(str(bad), str(out), DS, "3d_fullres", ["all"], device="cpu", npp=0, nps=0)
+    arr = np.zeros((24, 40, 40), np.float32)
+    arr[5, 6, 7] = np.nan
+    write_image(victim, arr)
+    with pytest.raises(NnsslError, match=r"Input case 'rotated' .*contains 1 NaN and 0 infinite voxels.*nan_to_num"):
+        predict(str(bad), str(out), DS, "3d_fullres", ["all"], device="cpu", npp=0, nps=0)
+    assert not os.path.exists(out)
+
+
+def test_two_parts_cover_all_cases_disjointly_as_nnunet_splits_them(model, inputs, nnssl_prediction, tmp_path,
+                                                                   monkeypatch, capsys):
+    """-num_parts 2: part 0 and part 1 write into one folder; together they predict every case once,
+    split as nnUNetv2_predict splits the same folder, with the masks of the unsplit prediction."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnssl.cli.predict import main
+
+    monkeypatch.setenv("nnUNet_results", str(model["root"] / "results"))
+    folder = tmp_path / "three_cases"
+    shutil.copytree(inputs, folder)
+    shutil.copy(folder / "rotated_0000.nii.gz", folder / "another_0000.nii.gz")  # 3 cases: 2 + 1
+    cases = sorted(f[:-12] for f in os.listdir(folder))
+    assert len(cases) == 3
+    out = tmp_path / "out"
+    predicted = []
+    for part in (0, 1):
+        with pytest.raises(SystemExit) as e:
+            main(["-i", str(folder), "-o", str(out), "-d", DS, "-c", "3d_fullres", "-f", "all", "-device", "cpu",
+                  "--disable_tta", "-npp", "0", "-nps", "0", "-num_parts", "2", "-part_id", str(part)])
+        assert e.value.code == 0
+        assert f"nnssl_predict (part {part} of 0..1): {2 - part} case(s) predicted" in capsys.readouterr().out
+        predicted.append(sorted(f[:-7] for f in os.listdir(out) if f.endswith(".nii.gz")
+                                and f[:-7] not in sum(predicted, [])))
+        reference = nnUNetPredictor(device=torch.device("cpu"))
+        reference.dataset_json = {"file_ending": ".nii.gz"}
+        nnunet_lists = reference._manage_input_and_output_lists(str(folder), None, part_id=part, num_parts=2)[0]
+        assert predicted[part] == sorted(os.path.basename(c[0])[:-12] for c in nnunet_lists)
+        assert json.load(open(out / "predict_from_raw_data_args.json"))["part_id"] == part
+    assert predicted == [[cases[0], cases[2]], [cases[1]]]
+    assert not [f for f in os.listdir(out) if f.startswith(STAGING)]
+    unsplit, _ = nnssl_prediction
+    for case in ("rotated", *[c for c in cases if c not in ("rotated", "another")]):
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz"))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(unsplit / f"{case}.nii.gz"))))
+    with pytest.raises(NnsslError, match="-part_id must be in 0..1"):
+        predict(str(folder), str(out), DS, "3d_fullres", ["all"], device="cpu", num_parts=2, part_id=2)
+
+
+def test_second_writer_of_an_output_folder_is_refused(model, inputs, tmp_path, capsys):
+    """Before: the second run deleted the first one's staging folder and the first died in ITK."""
+    from test_locks import write_lock
+    from nnssl.cli.predict import main
+
+    out = tmp_path / "o"
+    write_lock(str(out), os.getpid())
+    os.makedirs(out / STAGING)
+    (out / STAGING / "case_004.nii.gz").write_bytes(b"being written")  # the other run's work
+    with pytest.raises(SystemExit) as e:
+        main(["-i", str(inputs), "-o", str(out), "-d", "Blobs", "-c", "3d_fullres", "-f", "all", "-device", "cpu",
+              "--disable_tta", "-npp", "0", "-nps", "0"])
+    assert e.value.code == 2
+    assert f"The prediction folder (-o) {out} is being written by another run" in capsys.readouterr().err
+    assert (out / STAGING / "case_004.nii.gz").read_bytes() == b"being written"

@@ -10,10 +10,12 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from conftest import write_raw_dataset
+from test_locks import dead_pid, write_lock
 from nnssl.cli.plan_and_preprocess import main
 from nnssl.errors import NnsslError
 from nnssl.planning.api import plan_and_preprocess
-from nnssl.planning.pretraining_data import MANIFEST, find_pretraining_data, pretraining_data_folder
+from nnssl.planning.pretraining_data import (MANIFEST, find_pretraining_data, pretraining_cases,
+                                             pretraining_data_folder)
 
 DS, UNL, TWO = "Dataset001_Blobs", "Dataset002_Unl", "Dataset003_Two"
 DATA = "nnUNetPlans_3d_fullres"
@@ -84,13 +86,17 @@ def test_pretraining_data_is_preprocessed_with_the_targets_plans(env, capsys):
     assert data.dtype == np.float32 and data.shape[0] == 1
     assert set(np.unique(seg)) <= {0, -1} and props["class_locations"] == {}
 
-    # intask: training images and the prefixed test image, no labels
+    # intask: the training images only (imagesTs are evaluation images), no labels; the same when -pd names
+    # the target itself
     intask = pretraining_data_folder(DS, "intask", DATA)
-    assert nnUNetDatasetBlosc2(intask).identifiers == ["Ts__case_004"] + CASES
+    assert nnUNetDatasetBlosc2(intask).identifiers == CASES
     assert np.array_equal(arrays(intask, "case_000")[0], labeled)
-    assert np.array_equal(arrays(intask, "Ts__case_004")[0], arrays(unl, "u_001")[0])
     named = pretraining_data_folder(DS, DS, DATA)
-    assert nnUNetDatasetBlosc2(named).identifiers == ["Ts__case_004"] + CASES
+    assert nnUNetDatasetBlosc2(named).identifiers == CASES
+    with open(os.path.join(intask, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["cases"] == CASES and manifest["includes_test_images"] is False
+    assert "imagesTs" not in capsys.readouterr().err  # no warning without the flag
 
     with open(os.path.join(unl, MANIFEST), encoding="utf-8") as f:
         manifest = json.load(f)
@@ -112,6 +118,34 @@ def test_pretraining_data_is_preprocessed_with_the_targets_plans(env, capsys):
     assert set(np.unique(batch["target"].numpy())) <= {0, -1}
 
 
+def test_intask_include_test_adds_the_test_images_with_a_warning_and_a_record(env, capsys):
+    intask = pretraining_data_folder(DS, "intask", DATA)
+    run(pretraining=["intask", UNL], intask_include_test=True)
+    err = capsys.readouterr().err
+    assert "WARNING --intask_include_test: the 1 imagesTs image(s) of Dataset001_Blobs are pretraining data" in err
+    assert nnUNetDatasetBlosc2(intask).identifiers == ["Ts__case_004"] + CASES
+    with open(os.path.join(intask, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["cases"] == ["Ts__case_004"] + CASES and manifest["includes_test_images"] is True
+    assert manifest["num_expected"] == 5
+    # the test image preprocessed like any image of the target (u_001 of -pd Unl is a copy of it)
+    unl_copy = arrays(pretraining_data_folder(DS, UNL, DATA), "u_001")[0]
+    assert np.array_equal(arrays(intask, "Ts__case_004")[0], unl_copy)
+
+    # rerun without the flag: the data is imagesTr again; the left-over test files are ignored, not used
+    run(pretraining=["intask"])
+    assert pretraining_cases(intask) == CASES
+    assert find_pretraining_data(DS, "intask", DATA) == intask
+    assert os.path.isfile(os.path.join(intask, "Ts__case_004.pkl"))
+
+
+def test_intask_include_test_without_intask_is_refused(env, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["-d", "Blobs", "-pd", UNL, "--intask_include_test", "-np", "1", "--no_pbar"])
+    assert e.value.code == 2
+    assert "--intask_include_test adds Dataset001_Blobs's imagesTs" in capsys.readouterr().err
+
+
 def test_find_pretraining_data_says_how_to_make_it(env):
     with pytest.raises(NnsslError, match=f"nnssl_plan_and_preprocess -d {DS} -pd intask"):
         find_pretraining_data(DS, "intask", DATA)
@@ -124,10 +158,12 @@ def test_parts_give_the_same_files_as_one_run(env):
         os.rename(os.path.join(env, d), moved)
         os.remove(os.path.join(env, d + ".nnssl_signature.json"))
 
+    part1 = write_lock(env, os.getpid(), name=".nnssl.part-1-of-2.lock")  # parts run together
     run(pretraining=["intask"], part=0, total_parts=2)
+    os.remove(part1)
     assert nnUNetDatasetBlosc2(os.path.join(env, DATA)).identifiers == ["case_000", "case_002"]
     assert nnUNetDatasetBlosc2(os.path.join(env, f"nnsslPretrain__intask__{DATA}")).identifiers == \
-           ["Ts__case_004", "case_001", "case_003"]  # sorted: upper case first
+           ["case_000", "case_002"]
     with pytest.raises(NnsslError, match="incomplete"):
         find_pretraining_data(DS, "intask", DATA)
     run(pretraining=["intask"], part=1, total_parts=2, num_processes=2)  # the worker-pool path
@@ -180,6 +216,28 @@ def test_data_from_other_plans_is_not_resumed(env):
         run(part=0, total_parts=1)
     with pytest.raises(NnsslError, match="other plans"):
         find_pretraining_data(DS, "intask", DATA)
+
+
+def test_one_writer_per_preprocessed_dataset(env, capsys):
+    """Before: two runs preprocessed into one folder and the loser blamed an input file."""
+    argv = ["-d", "Blobs", "-np", "1", "--no_pbar"]
+    for lock, argv_extra in ((".nnssl.lock", []), (".nnssl.lock", ["--part", "0", "--total_parts", "2"]),
+                             (".nnssl.part-1-of-2.lock", [])):
+        path = write_lock(env, os.getpid(), name=lock)
+        with pytest.raises(SystemExit) as e:
+            main(argv + argv_extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"The preprocessed dataset {env} is being written by another run: process {os.getpid()}" in err
+        assert f"holds {path}" in err
+        os.remove(path)
+    assert not os.path.exists(os.path.join(env, DATA))  # nothing was preprocessed
+    pid = dead_pid()
+    path = write_lock(env, pid)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"stale lock {path}: process {pid}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -154,7 +154,10 @@ def test_set_parses_with_field_types():
 def test_cli_refuses_bad_set_values_before_writing_anything(pretrain_env, tmp_path, capsys):
     base = ["-d", DS, "-m", METHOD, "-device", "cpu", "--iterations", "1", "-o", str(tmp_path / "o")]
     for override, expected in (("nope=1", "Valid keys"), ("K=four", "not a valid int"),
-                               ("optimizer=lion", "Unknown optimizer")):
+                               ("optimizer=lion", "Unknown optimizer"),
+                               ("lr=-1", "volume_fusion: lr=-1.0 is not valid: it must be > 0"),
+                               ("lr=nan", "volume_fusion: lr=nan is not valid: it must be > 0 (and finite)"),
+                               ("weight_decay=-1", "weight_decay=-1.0 is not valid: it must be >= 0")):
         with pytest.raises(SystemExit) as e:
             pretrain_main(base + ["--set", override])
         assert e.value.code == 2
@@ -224,6 +227,32 @@ def test_c_without_checkpoint_and_existing_run_without_c_are_refused(pretrain_en
     assert os.path.getmtime(os.path.join(out, "checkpoint_final.pth")) == before
     with pytest.raises(NnsslError, match="seed"):  # --c keeps the run's settings
         run(tmp_path, "done", iterations=2, resume=True, seed=1)
+    with pytest.raises(NnsslError) as e:  # the changed key, not the two whole method dicts
+        run(tmp_path, "done", iterations=2, resume=True, overrides=["lr=5e-4"])
+    lr = METHODS.get(METHOD).config_class().lr
+    assert f"these differ: method.config.lr: checkpoint {lr!r}, now 0.0005. Drop" in str(e.value)
+
+
+def test_second_writer_of_a_run_folder_is_refused(pretrain_env, tmp_path, capsys):
+    """Before: both runs printed "Finished" and the second overwrote the first."""
+    from test_locks import dead_pid, write_lock
+
+    out = str(tmp_path / "busy")
+    write_lock(out, os.getpid())  # a live writer: this very process
+    argv = ["-d", DS, "-m", METHOD, "-device", "cpu", "--iterations", "1", "--batch_size", "2", "--num_workers", "0",
+            "-o", out]
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(argv)
+    assert e.value.code == 2
+    assert f"being written by another run: process {os.getpid()}" in capsys.readouterr().err
+    assert os.listdir(out) == [".nnssl.lock"]
+    pid = dead_pid()
+    write_lock(out, pid)
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"stale lock {out}/.nnssl.lock: process {pid}" in err and f"rm {out}/.nnssl.lock" in err
 
 
 def test_corrupted_latest_checkpoint_is_refused(pretrain_env, tmp_path):

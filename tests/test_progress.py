@@ -47,5 +47,17 @@ def test_planned_curve_keeps_every_jump_of_a_long_run():
 
 
 def test_png_is_written(tmp_path):
-    plot_progress(history([1.0]), str(tmp_path / "p.png"), LRSchedule("cosine", 1e-4, 10, warmup_iterations=1))
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # one epoch of 2 s, 0.5 s of it waiting for data: computing (blue) and waiting (red) bars of 1.5 : 0.5
+    plot_progress(history([1.0], wait=0.5, time=2.0), str(tmp_path / "p.png"),
+                  LRSchedule("cosine", 1e-4, 10, warmup_iterations=1))
+    image = plt.imread(str(tmp_path / "p.png"))  # decoded: float RGBA in [0, 1]
+    assert image.shape == (720, 720, 4)  # 9 x 9 inches at 80 dpi
+    rgb = np.round(image[..., :3] * 255).astype(int)
+    time_panel = rgb[int(0.7 * 720):]  # the lowest of the panels (height ratios 3 : 2 : 2)
+
+    def pixels(hex_color):
+        return int(np.all(time_panel == [int(hex_color[i:i + 2], 16) for i in (1, 3, 5)], axis=-1).sum())
+
+    blue, red = pixels("#1f77b4"), pixels("#d62728")  # tab:blue, tab:red
+    assert red > 500  # the bars are drawn, not an empty figure
+    assert 2.7 < blue / red < 3.1  # their areas in the ratio of the times (legend patches add a little to each)

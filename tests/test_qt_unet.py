@@ -159,6 +159,49 @@ def test_encoder_levels_decoder_and_forward():
     assert isinstance(net.decoder.seg_layers[0], nn.Conv3d) and net.decoder.seg_layers[0].out_channels == 3
 
 
+def _kv_seen_by_each_decoder_stage(net, x):
+    """{stage i: the ``enc`` tensor its first decoder block received} for one forward of x."""
+    seen, hooks = {}, []
+    for i, stage in enumerate(net.decoder.stages):
+        hooks.append(stage[0].register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[1])))
+    with torch.no_grad():
+        y = net(x)
+    for h in hooks:
+        h.remove()
+    return seen, y
+
+
+def test_cross_attention_keys_values_switch_between_stage_output_and_input():
+    """Paper (default): K/V of decoder stage i from e_i; the authors' code: the tokens entering encoder stage i,
+    rebuilt here by hand from the encoder's modules (patch embedding + norm; then merge of the previous stage)."""
+    x = torch.randn(1, 1, 32, 32, 32)
+    paper = tiny_net().eval()
+    authors = tiny_net(cross_kv_source="encoder_input").eval()
+    authors.load_state_dict(paper.state_dict())  # same parameters: only the wiring differs
+    with torch.no_grad():
+        feats = paper.encoder(x)
+        enc = paper.encoder
+        t = enc.embed_norm(enc.patch_embed(x).permute(0, 2, 3, 4, 1))
+        inputs = []
+        for i in range(len(enc.stages) - 1):
+            if i > 0:
+                t = enc.merges[i - 1](t)
+            inputs.append(t)
+            for block in enc.stages[i]:
+                t = block(t)
+    seen_paper, y_paper = _kv_seen_by_each_decoder_stage(paper, x)
+    seen_authors, y_authors = _kv_seen_by_each_decoder_stage(authors, x)
+    for i in range(3):
+        assert torch.equal(seen_paper[i], feats[i].permute(0, 2, 3, 4, 1))
+        assert torch.allclose(seen_authors[i], inputs[i], atol=1e-6)
+        assert not torch.allclose(seen_authors[i], seen_paper[i], atol=1e-3)
+    assert not torch.allclose(y_paper, y_authors, atol=1e-4)
+    assert QTUNetConfig().cross_kv_source == "encoder_output"
+    assert QTUNetTPlanner.without_dataset().arch_kwargs((32, 32, 32), (1, 1, 1))["cross_kv_source"] == "encoder_output"
+    with pytest.raises(NnsslError, match="cross_kv_source"):
+        QTUNetConfig(cross_kv_source="input")
+
+
 def test_patch_not_divisible_by_32_names_the_nearest_valid_sizes():
     net = tiny_net()
     with pytest.raises(NnsslError, match=r"axis 1: 40 -> 32 or 64") as e:

@@ -44,3 +44,32 @@ def test_unknown_names_list_the_choices():
         ARCHITECTURES.get("unet_typo")
     with pytest.raises(NnsslError, match="volume_fusion"):
         METHODS.get("mae_typo")
+
+
+def test_every_numeric_method_field_is_range_checked():
+    """NaN in any numeric field of any method is refused with the field's range and the list of ranges."""
+    import dataclasses
+    import math
+
+    import nnssl.ssl  # noqa: F401
+    from nnssl.errors import NnsslError
+    from nnssl.ssl.base import METHODS, numeric_range
+
+    assert numeric_range("lr")[3] == "> 0" and numeric_range("weight_decay")[3] == ">= 0"
+    assert numeric_range("mask_ratio")[3] == "in [0, 1]" and numeric_range("mask_value")[3] == "any finite number"
+    for name in METHODS.names():
+        cls = METHODS.get(name).config_class
+        default = cls()  # the paper's defaults lie in range
+        checked = 0
+        for f in dataclasses.fields(default):
+            value = getattr(default, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            with pytest.raises(NnsslError, match=rf"^{name}: "):  # some by the method's own, earlier checks
+                cls(**{f.name: math.nan})
+            checked += 1
+        assert checked >= 5, name
+    with pytest.raises(NnsslError, match=r"volume_fusion: weight_decay=-1 is not valid: it must be >= 0 \(and finite\)"
+                                         r".* Valid ranges of the numeric volume_fusion settings -- "
+                                         r"> 0: K, .*lr.*; >= 0: .*weight_decay.*; in \[0, 1\]: flip_prob"):
+        METHODS.get("volume_fusion").config_class(weight_decay=-1)

@@ -204,3 +204,40 @@ def test_resume_is_bit_exact_with_the_ema_target_and_warnings_reach_the_log(pret
     moved = [k for k in targets if k.removeprefix("target_") in online
              and not torch.equal(state_a[k], online[k.removeprefix("target_")])]
     assert moved
+
+
+class _Subsampler(torch.nn.Module):
+    """A stand-in encoder whose bottleneck is the input subsampled by 8 ([B, 2, 16^3] -> [B, 2, 2^3])."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return [x[:, :, ::8, ::8, ::8] * self.scale]
+
+
+def test_loss_sums_every_term_over_both_views_and_pairs_each_view_with_the_other():
+    """Hand-computed: identity projector/predictor/target projector (so p and z' are the pooled view),
+    a zero reconstruction (L1 = mean |target|) and fixed rotation logits. Rows: crop 0 view 1, crop 1
+    view 1, crop 0 view 2, crop 1 view 2, each a constant 2-channel vector."""
+    net = torch.nn.Module()
+    net.encoder = _Subsampler()
+    m = SwinPretext(SwinPretextConfig(**SMALL), net, (16, 16, 16), 2)
+    m.projector = m.predictor = m.target_projector = torch.nn.Identity()
+    with torch.no_grad():
+        m.recon_head.weight.zero_()
+        m.recon_head.bias.zero_()
+        m.rotation_head[-1].weight.zero_()
+        m.rotation_head[-1].bias.copy_(torch.tensor([0.0, math.log(3), 0.0, 0.0]))  # softmax 1/6, 3/6, 1/6, 1/6
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    views = rows[:, :, None, None, None].expand(4, 2, 16, 16, 16).contiguous()
+    target = torch.cat([torch.full((2, 2, 16, 16, 16), 1.0), torch.full((2, 2, 16, 16, 16), -3.0)])
+    losses = m.forward_loss(net, {"views": views, "rotations": torch.tensor([0, 0, 1, 1]), "target": target})
+    assert losses["recon"].item() == pytest.approx(1.0 + 3.0)  # the view mean would be 2
+    assert losses["rotation"].item() == pytest.approx(math.log(6) + math.log(2))  # CE(v1) + CE(v2)
+    # crop 0: cos((1, 0), (1, 1)) = 1/sqrt(2); crop 1: cos((0, 1), (1, 0)) = 0; per direction the batch mean
+    byol = 2 * ((2 - math.sqrt(2)) + 2) / 2
+    assert losses["byol"].item() == pytest.approx(byol)
+    # (A view paired with itself would give 0, one paired with the other crop's view 2 - sqrt(2).)
+    assert losses["loss"].item() == pytest.approx(4.0 + math.log(12) + byol)

@@ -1,6 +1,7 @@
 """SwinUNETR (nnssl.architectures.swinunetr): size, the network contract, MONAI parity."""
 import pytest
 import torch
+from conftest import require_optional
 
 from nnssl.architectures.build import build_network
 from nnssl.architectures.spec import ARCHITECTURES, count_parameters
@@ -71,7 +72,8 @@ def test_build_network_plans_multiples_of_32():
 @pytest.fixture(scope="module")
 def monai_swinunetr():
     """MONAI SwinUNETR (2 -> 3 channels, feature size 12) with a given window, built once per window."""
-    monai_nets = pytest.importorskip("monai.networks.nets")  # test-only extra, installed by .[dev]
+    # MONAI >= 1.5: its SwinUNETR merges patches in the order nnssl's default mode reproduces (and takes no img_size)
+    monai_nets = require_optional("monai.networks.nets", min_version="1.5")
     built = {}
 
     def make(window):
@@ -160,3 +162,21 @@ def test_legacy_merging_never_reads_two_of_the_eight_neighbours():
         merge = MonaiPatchMerging(3, legacy=legacy)
         with torch.no_grad():
             assert torch.allclose(merge(x), merge(bumped)) == unchanged
+
+
+def test_set_drop_rate_equals_building_with_that_drop_rate():
+    """Same weights, same seed, training mode: identical outputs, so exactly drop_rate's dropouts changed
+    (a network that also drops attention weights differs)."""
+    torch.manual_seed(0)
+    built = SwinUNETR(1, 2, **TINY, drop_rate=0.3)
+    later, with_attn = SwinUNETR(1, 2, **TINY), SwinUNETR(1, 2, **TINY, drop_rate=0.3, attn_drop_rate=0.3)
+    for net in (later, with_attn):
+        net.load_state_dict(built.state_dict())
+    later.set_drop_rate(0.3)
+    x = torch.randn(1, 1, 32, 64, 64)
+    outputs = []
+    with torch.no_grad():
+        for net in (built, later, with_attn):
+            torch.manual_seed(1)
+            outputs.append(net.train()(x))
+    assert torch.equal(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])

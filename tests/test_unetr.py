@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_optional
 
 from nnssl.architectures import ARCHITECTURES, build_network
 from nnssl.architectures.blocks.res_conv import ResConvBlock
@@ -46,8 +47,7 @@ def test_parameter_count_by_formula_and_against_the_paper():
 
 
 def test_monai_state_dict_loads_strictly_and_outputs_match():
-    monai_nets = pytest.importorskip("monai.networks.nets",
-                                     reason="MONAI is the test-only extra (pip install -e .[dev])")
+    monai_nets = require_optional("monai.networks.nets", min_version="1.3")  # MONAI's UNETR with proj_feat
     kwargs = dict(img_size=(32, 48, 32), feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2)
     torch.manual_seed(0)
     ref = monai_nets.UNETR(2, 3, **kwargs).eval()

@@ -8,6 +8,7 @@ import SimpleITK as sitk
 from conftest import write_image
 
 from nnssl.dataset_conversion import validation as V
+from nnssl.dataset_conversion.dicom import dicom_series
 from nnssl.errors import NnsslError
 
 
@@ -76,11 +77,23 @@ def test_geometry_mismatch_names_both_values(blob_dataset, what, change, shown):
 
 
 def test_geometry_within_tolerance_passes(blob_dataset):
+    """At origin 0 the tolerance is GEOMETRY_ATOL = 1e-6 mm: a label header 5e-7 mm off passes (float32 round-off
+    in NIfTI headers is not a mismatch), 5e-6 mm off is refused."""
     img_path, lab_path = _case(blob_dataset)
     img, lab = sitk.ReadImage(img_path), sitk.ReadImage(lab_path)
-    lab.SetOrigin(tuple(o + 1e-7 for o in img.GetOrigin()))
-    sitk.WriteImage(lab, lab_path)
-    V.validate_raw_dataset(blob_dataset, full=False, progress=False)
+    assert img.GetOrigin() == (0.0, 0.0, 0.0)
+    for offset in (5e-7, 5e-6):
+        lab.SetOrigin((offset, offset, offset))
+        sitk.WriteImage(lab, lab_path)
+        written = sitk.ReadImage(lab_path).GetOrigin()
+        assert written != img.GetOrigin() and all(abs(abs(w) - offset) < 1e-3 * offset for w in written)
+        if offset < V.GEOMETRY_ATOL:
+            out = V.validate_raw_dataset(blob_dataset, full=False, progress=False)
+            assert out["cases"] == [f"case_{i:03d}" for i in range(4)]  # the case is accepted, not dropped
+        else:
+            with pytest.raises(NnsslError, match=r"case_001.nii.gz' has origin .* but '.*case_001_0000.nii.gz' has "
+                                                  r"origin \(0, 0, 0\)"):
+                V.validate_raw_dataset(blob_dataset, full=False, progress=False)
 
 
 def test_label_values_checked_only_when_full(blob_dataset):
@@ -122,19 +135,27 @@ def test_2d_and_4d_images_rejected(tmp_path):
         V.check_3d(V.read_header(p1))
 
 
+def _cut(path, keep):
+    """Keep the first ``keep`` bytes of ``path`` (an interrupted copy)."""
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:keep])
+    return len(data)
+
+
 def test_truncated_and_corrupt_files(tmp_path):
     arr = np.random.default_rng(0).integers(-1000, 1000, (10, 20, 30)).astype(np.int16)
     gz, nii = str(tmp_path / "x.nii.gz"), str(tmp_path / "y.nii")
     write_image(gz, arr)
     write_image(nii, arr)
     for p in (gz, nii):
-        data = open(p, "rb").read()
-        with open(p, "wb") as f:
-            f.write(data[: int(len(data) * 0.6)])
-    V.read_header(gz)  # the gzip header is intact: only a full read can tell
+        _cut(p, int(os.path.getsize(p) * 0.6))
+    # 352-byte NIfTI-1 header + 6000 int16 voxels; the cut file's gzip trailer cannot say 12352
+    with pytest.raises(NnsslError, match="x.nii.gz' is a truncated or corrupt gzip"):
+        V.read_header(gz)  # header read only: the gzip trailer gives it away
     with pytest.raises(NnsslError, match="x.nii.gz' is a truncated or corrupt gzip"):
         V.read_image(gz)
-    with pytest.raises(NnsslError, match="y.nii' is truncated: its header needs"):
+    with pytest.raises(NnsslError, match="y.nii' is truncated: its header needs 12352 bytes"):
         V.read_header(nii)  # uncompressed: the file size gives it away without reading voxels
     junk = tmp_path / "z.nii.gz"
     junk.write_bytes(b"not an image" * 10)
@@ -142,13 +163,47 @@ def test_truncated_and_corrupt_files(tmp_path):
         V.read_header(str(junk))
 
 
-def test_truncated_gz_in_dataset_caught_when_full(blob_dataset):
+def test_gzip_trailer_of_complete_file_matches_header(tmp_path):
+    gz = str(tmp_path / "x.nii.gz")
+    write_image(gz, np.zeros((10, 20, 30), np.int16))
+    assert V._gzip_isize(gz) == 352 + 10 * 20 * 30 * 2
+
+
+def test_multi_member_gzip_is_judged_by_its_real_length(tmp_path):
+    """A gzip file of two members (pigz/bgzip style): the trailer holds the last member's size only,
+    so the cheap check falls back to decompressing, and a complete file passes."""
+    import gzip
+    gz = str(tmp_path / "x.nii.gz")
+    arr = np.arange(10 * 20 * 30, dtype=np.int16).reshape(10, 20, 30)
+    write_image(gz, arr)
+    raw = gzip.open(gz).read()
+    with open(gz, "wb") as f:
+        f.write(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    assert V._gzip_isize(gz) == len(raw) - 5000
+    V.read_header(gz)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(V.read_image(gz)), arr)
+
+
+def test_truncated_gz_in_dataset_caught_always(blob_dataset):
+    """Even the header-only check (no --verify_dataset_integrity) refuses a cut-off .nii.gz."""
     img_path, _ = _case(blob_dataset, "case_002")
-    data = open(img_path, "rb").read()
-    with open(img_path, "wb") as f:
-        f.write(data[: len(data) // 2])
-    with pytest.raises(NnsslError, match="case_002_0000.nii.gz' is a truncated"):
-        V.validate_raw_dataset(blob_dataset, full=True, progress=False)
+    _cut(img_path, os.path.getsize(img_path) // 2)
+    for full in (False, True):
+        with pytest.raises(NnsslError, match="case_002_0000.nii.gz' is a truncated"):
+            V.validate_raw_dataset(blob_dataset, full=full, progress=False)
+
+
+def test_plan_and_preprocess_refuses_truncated_gz_without_verify_flag(blob_dataset, capsys):
+    """Before: SimpleITK zero-filled the cut-off volume and planning exited 0."""
+    from nnssl.cli.plan_and_preprocess import main
+
+    img_path, _ = _case(blob_dataset, "case_003")
+    _cut(img_path, os.path.getsize(img_path) * 3 // 4)
+    with pytest.raises(SystemExit) as e:
+        main(["-d", "1", "--no_pp", "-np", "1", "--no_pbar"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'{img_path}' is a truncated or corrupt gzip" in err and "Copy or download it again" in err
 
 
 def test_empty_images_folder(blob_dataset):
@@ -200,4 +255,4 @@ def test_region_label_values():
 def test_dicom_folder_without_series(tmp_path):
     (tmp_path / "slice1.dcm").write_bytes(b"\0" * 300)
     with pytest.raises(NnsslError, match=f"Folder '{tmp_path}' holds DICOM-like files but no readable DICOM series"):
-        V.dicom_series(str(tmp_path))
+        dicom_series(str(tmp_path))

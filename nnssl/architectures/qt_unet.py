@@ -32,6 +32,17 @@ Assumptions (the paper does not fix them; each is a config field):
   returns a one-element list.
 - Init: truncated normal (std 0.02) linears, zero biases, unit LayerNorms (Swin); torch's
   default for the patch-embedding conv and the classifier.
+
+Cross-attention keys/values (``cross_kv_source``): "encoder_output" (default, the paper's words,
+§III-C: "generating keys and values from the output of the same-stage encoder") takes them from
+e_i, the normalised output of encoder stage i. The authors' code (``Models/QT_UNet/components.py``:
+the encoder keeps each stage's *input* in ``x_downsample``) takes them from what enters stage i:
+the embedded patches for i = 0, the patch-merged output of stage i - 1 otherwise, before any
+block of stage i; "encoder_input" does that, and is the one that reproduces the authors' numbers.
+In both modes the skip concatenated in front of decoder stage i is e_i (the authors' code
+concatenates the stage input there too: a difference that remains). In "encoder_input" mode
+``encoder(x)`` returns :class:`QTFeatures`, the same list of e_i carrying the stage inputs in
+``stage_inputs``, so the ``decoder(encoder(x))`` contract holds.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -48,6 +59,7 @@ from nnssl.architectures.ulkanet import config_from_kwargs
 from nnssl.errors import NnsslError
 
 Triple = Tuple[int, int, int]
+CROSS_KV_SOURCES = ("encoder_output", "encoder_input")
 EMBED_DIMS = {"t": 48, "s": 72, "b": 96}  # QT-UNet-T / -S / -B (paper §III-E)
 # For tests and the demo: same topology, a few thousand parameters per block.
 TINY = {"embed_dim": 8, "heads": (1, 1, 2, 2), "window_size": 4}
@@ -67,6 +79,8 @@ class QTUNetConfig:
     drop_path_rate: float = 0.1
     qkv_bias: bool = True
     encoder_post_norm: bool = False  # Assumption: pre-norm encoder (Video Swin)
+    # keys/values of decoder stage i: e_i (the paper) or the input of encoder stage i (the authors' code)
+    cross_kv_source: str = "encoder_output"
 
     def __post_init__(self):
         self.depths = tuple(int(d) for d in self.depths)
@@ -89,6 +103,9 @@ class QTUNetConfig:
             problems.append(f"embed_dim {self.embed_dim} must be even (patch expansion halves it)")
         if not problems and any(s >= w for s, w in zip(self.shift_size, self.window_size)):
             problems.append(f"shift_size {self.shift_size} must be smaller than window_size {self.window_size}")
+        if self.cross_kv_source not in CROSS_KV_SOURCES:
+            problems.append(f"cross_kv_source {self.cross_kv_source!r} must be one of {CROSS_KV_SOURCES} (the paper: "
+                            f"encoder_output; the authors' code: encoder_input)")
         if self.patch_size < 1 or not 0 <= self.drop_path_rate < 1:
             problems.append("patch_size must be >= 1 and drop_path_rate in [0, 1)")
         if problems:
@@ -133,8 +150,19 @@ def _n(size: Sequence[int]) -> int:
     return int(np.prod(size, dtype=np.int64))
 
 
+class QTFeatures(list):
+    """What :class:`QTUNetEncoder` returns with ``cross_kv_source`` = "encoder_input": the list
+    [e_0, ..., e_bottleneck] carrying ``stage_inputs`` [s_0, ..., s_{n-1}], s_i [B, C * 2^i, d_i, h_i, w_i]
+    the tokens entering encoder stage i (channels-first), the decoder's keys/values."""
+
+    def __init__(self, features: List[torch.Tensor], stage_inputs: List[torch.Tensor]):
+        super().__init__(features)
+        self.stage_inputs = stage_inputs
+
+
 class QTUNetEncoder(nn.Module):
-    """x: [B, C_in, D, H, W] -> [e_0, ..., e_bottleneck], e_i: [B, C * 2^i, D / (4 * 2^i), ...]."""
+    """x: [B, C_in, D, H, W] -> [e_0, ..., e_bottleneck], e_i: [B, C * 2^i, D / (4 * 2^i), ...]
+    (a :class:`QTFeatures` with the stage inputs when ``cross_kv_source`` = "encoder_input")."""
 
     def __init__(self, input_channels: int, cfg: QTUNetConfig):
         super().__init__()
@@ -157,13 +185,16 @@ class QTUNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         check_patch(x.shape[2:], self.cfg.divisor)
         t = self.embed_norm(_tokens(self.patch_embed(x)))
-        features = []
+        features, inputs = [], []
         for i, stage in enumerate(self.stages):
             if i > 0:
                 t = self.merges[i - 1](t)
+            inputs.append(_channels_first(t))
             for block in stage:
                 t = block(t)
             features.append(_channels_first(self.out_norms[i](t)))
+        if self.cfg.cross_kv_source == "encoder_input":
+            return QTFeatures(features, inputs[:-1])  # the bottleneck's input feeds no cross-attention
         return features
 
     def grid_sizes(self, patch_size: Sequence[int]) -> List[Triple]:
@@ -199,13 +230,25 @@ class QTUNetDecoder(nn.Module):
         self.final_expand = PatchExpand(cfg.embed_dim, cfg.embed_dim, cfg.patch_size)
         self.seg_layers = nn.ModuleList([nn.Conv3d(cfg.embed_dim, num_classes, 1)])
 
+    def keys_values(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The cross-attention context of every decoder stage (channels-first): e_i, or the encoder's
+        stage inputs (``cross_kv_source``)."""
+        if self.cfg.cross_kv_source == "encoder_output":
+            return list(features[:len(self.stages)])
+        inputs = getattr(features, "stage_inputs", None)
+        if inputs is None:
+            raise ValueError("QT-UNet: cross_kv_source='encoder_input' needs the encoder's stage inputs; pass the "
+                             "QTFeatures that network.encoder(x) returns to the decoder unchanged.")
+        return list(inputs)
+
     def forward(self, features: List[torch.Tensor]):
+        context = self.keys_values(features)
         x = _tokens(features[-1])
         for i in reversed(range(len(self.stages))):
-            skip = _tokens(features[i])
+            skip, kv = _tokens(features[i]), _tokens(context[i])
             x = self.concat_back[i](torch.cat([self.expands[i](x), skip], dim=-1))
             for block in self.stages[i]:
-                x = block(x, skip)
+                x = block(x, kv)
         y = self.seg_layers[0](_channels_first(self.final_expand(x)))
         return [y] if self.deep_supervision else y
 

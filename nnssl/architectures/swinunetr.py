@@ -327,6 +327,19 @@ class SwinUNETR(EncoderDecoderNetwork):
         check_divisible(x.shape[2:], TOTAL_STRIDE, "SwinUNETR")
         return super().forward(x)
 
+    def set_drop_rate(self, rate: float) -> None:
+        """Every dropout that ``drop_rate`` builds (after the patch embedding, after each attention
+        projection, in each MLP) drops with probability ``rate`` from now on, as if built with
+        ``drop_rate=rate``; dropout holds no weights, so the state dict is unchanged (HybridMIM's
+        dropout contrastive term uses it on networks planned without dropout)."""
+        vit = self.encoder.swinViT
+        layers = [vit.pos_drop]
+        for stage in vit.stages():
+            for block in stage.blocks:
+                layers += [block.attn.proj_drop, block.mlp.drop1, block.mlp.drop2]
+        for layer in layers:
+            layer.p = float(rate)
+
 
 def load_monai_state_dict(network: SwinUNETR, state_dict: dict, strict: bool = True):
     """Load a MONAI ``SwinUNETR`` state dict (v1, ``downsample="merging"``) into ``network``.

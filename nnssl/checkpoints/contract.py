@@ -41,6 +41,8 @@ _PREFIXES = ("module.", "_orig_mod.")
 METADATA_KEYS = ("nnssl_checkpoint_version", "architecture", "plans_name", "configuration", "data_identifier",
                  "normalization", "input_channels", "method", "pretraining_data", "dataset", "iteration",
                  "transfer", "seed")
+# Written when the metadata has them (pretraining case provenance, nnssl/training/pretraining_cases.py).
+OPTIONAL_METADATA_KEYS = ("pretraining_cases_sha256", "pretraining_cases_count")
 RESUME_KEYS = ("optimizer", "method_state", "grad_scaler", "network_excluded", "loss_history", "schedule")
 
 
@@ -147,12 +149,13 @@ def save_pretraining_checkpoint(path: str, network: nn.Module, metadata: dict,
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
     weights, excluded = split_network_state(network)
-    ckpt = {**to_plain({k: metadata[k] for k in METADATA_KEYS}), "network_weights": weights}
+    keys = METADATA_KEYS + tuple(k for k in OPTIONAL_METADATA_KEYS if k in metadata)
+    ckpt = {**to_plain({k: metadata[k] for k in keys}), "network_weights": weights}
     if resume is not None:
         ckpt["resume"] = {**resume, "network_excluded": excluded}
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-    write_json(to_plain({k: metadata[k] for k in METADATA_KEYS}), os.path.splitext(path)[0] + ".json")
+    write_json(to_plain({k: metadata[k] for k in keys}), os.path.splitext(path)[0] + ".json")
 
 
 def publish_final(latest: str, final: str) -> None:

@@ -128,8 +128,12 @@ def import_pretrained(path: str, output: str, format: Optional[str] = None,
 
 
 def _volume_count(ckpt: dict):
-    """Number of preprocessed volumes the model was pretrained on (from the data manifest), if known."""
+    """Number of preprocessed volumes the model was pretrained on (recorded in the checkpoint; for older
+    checkpoints from the data manifest), if known."""
     from nnssl.planning.pretraining_data import MANIFEST, pretraining_data_folder
+
+    if "pretraining_cases_count" in ckpt:
+        return int(ckpt["pretraining_cases_count"])
 
     folder = pretraining_data_folder(ckpt["dataset"], ckpt["pretraining_data"], ckpt["data_identifier"])
     try:

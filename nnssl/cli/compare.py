@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_compare",
         description="Compare evaluated runs, e.g. fine-tuning from scratch versus from each pretraining. "
                     "Writes REPORT.md (a table of mean Dice/HD95/ASSD ± std per run and a per-class Dice "

@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_convert_btcv",
         description="Convert the BTCV abdomen dataset from its original layout (RawData/Training/img/img0001.nii.gz, "
                     "RawData/Training/label/label0001.nii.gz, RawData/Testing/img/img0061.nii.gz) into an nnU-Net "

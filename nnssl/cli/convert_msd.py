@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_convert_msd",
         description="Convert a Medical Segmentation Decathlon task folder (TaskXX_Name with imagesTr, labelsTr, "
                     "imagesTs and the MSD dataset.json; multi-modal images are 4D) into an nnU-Net raw dataset "

@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_convert_unlabeled",
         description="Convert every volume under a folder (recursively: .nii, .nii.gz, .nrrd, .mha, .mhd files and "
                     "DICOM series, one volume per series) into an unlabeled nnU-Net raw dataset "

@@ -3,11 +3,11 @@ import argparse
 import os
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_demo",
         description="Run nnssl end to end on synthetic BTCV-like data: generate, convert, plan and "
                     "preprocess (labeled + unlabeled), Volume Fusion pretraining (pretext.png), fine-tuning from the "
@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show nnU-Net's plans dictionaries, configuration dumps and predictor messages on the "
                         "console (they always go to OUTPUT/nnunet_details.log)")
     p.add_argument("--fast", action="store_true", help="fewer, smaller cases and tiny budgets: a ~2 minute smoke run (results are not meaningful)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic data, the pretraining and both fine-tuning runs (each run starts "
+                        "from this seed, so scratch and pretrained see the same batches; the same seed prints the "
+                        "same Dice). Default: 0")
     return p
 
 
@@ -31,7 +35,7 @@ def main(argv=None):
         # an -o that is a file is refused by run_demo; no log then
         log = None if os.path.isfile(a.output) else os.path.join(a.output, "nnunet_details.log")
         with details_to_log(log, a.verbose, "nnssl_demo"):
-            run_demo(a.output, fast=a.fast)
+            run_demo(a.output, fast=a.fast, seed=a.seed)
         if log and not a.verbose:
             print(f"nnU-Net's plans, configuration and predictor details: {log} (--verbose shows them here)")
 

@@ -3,11 +3,11 @@ import argparse
 import os
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_evaluate",
         description="Compare predicted segmentations with reference labels. Writes nnU-Net's summary.json "
                     "(Dice, IoU per case and class, their means) extended with HD95 and ASSD in mm per class "

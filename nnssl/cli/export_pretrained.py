@@ -3,11 +3,11 @@ import argparse
 import json
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_export_pretrained",
         description="Write a model archive (.zip) of a pretraining checkpoint: the checkpoint (without its resume "
                     "state), its metadata, the plans it was pretrained under and a model card (method, "
@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
+    import os
+
     from nnssl.checkpoints import export_pretrained
+    from nnssl.io import check_writable
+
+    check_writable(os.path.dirname(os.path.abspath(args.o)), "The folder of the archive (-o)")
 
     card = export_pretrained(args.checkpoint, args.o, license=args.license, format=args.format)
     print(json.dumps(card, indent=2))

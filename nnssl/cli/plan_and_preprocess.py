@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_plan_and_preprocess",
         description="Fingerprint a labeled dataset with nnU-Net, write one plans file per architecture (all "
                     "sharing one preprocessed copy of the data), preprocess the training cases, and optionally "
@@ -19,8 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes nnU-Net's own nnUNetPlans.json)")
     p.add_argument("-pd", nargs="+", default=[], metavar="DATASET",
                    help="pretraining dataset(s) to preprocess with the target's plans (those of the first -a "
-                        "architecture): unlabeled datasets (imagesTr only), or 'intask' for the target's own "
-                        "imagesTr + imagesTs images without labels")
+                        "architecture): unlabeled datasets (their imagesTr and imagesTs), or 'intask' for the "
+                        "target's own imagesTr images without labels (its imagesTs only with --intask_include_test)")
+    p.add_argument("--intask_include_test", action="store_true",
+                   help="also pretrain on the target's imagesTs (with -pd intask, or the pool's with --generic). "
+                        "Warns and is recorded: a model pretrained on the test images has seen them, so its test "
+                        "results are not independent of pretraining (LWI and HybridMIM use training images only)")
     p.add_argument("-c", nargs="+", default=["3d_fullres"], metavar="CONFIG",
                    help="configuration(s) to preprocess (default: 3d_fullres; others are still planned)")
     p.add_argument("-np", type=int, default=None, metavar="N",
@@ -65,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
                    help="with --generic: fixed patch size (in the plans' axis order); the network and batch size "
                         "are planned for it (default: each architecture's planner chooses)")
+    g.add_argument("--patch_fit_fraction", type=float, default=None, metavar="F",
+                   help="with --generic: share of the pool's volumes that must hold a whole patch after resampling "
+                        "(default 0.9); each patch axis is capped at a low percentile of the volumes' extents, the "
+                        "other volumes are listed and padded")
     g.add_argument("--like", default=None, metavar="CHECKPOINT",
                    help="plan the labeled -d like a pretraining checkpoint or model archive (.zip): its spacing, "
                         "normalization, network and patch, batch size re-planned; writes plans "
@@ -74,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     def run(a: argparse.Namespace) -> None:
+        import os
+
+        from nnssl.io import check_writable
         from nnssl.planning.api import details_log, plan_and_preprocess, plans_summary
         from nnssl.quiet import details_to_log
+
+        check_writable(os.path.dirname(details_log(a.d)), "The preprocessed dataset folder (under nnUNet_preprocessed)")
 
         title = "nnssl_plan_and_preprocess " + " ".join(sys.argv[1:] if argv is None else argv)
         with details_to_log(details_log(a.d), a.verbose, title) as log:
@@ -85,7 +98,8 @@ def main(argv=None):
                 verify_dataset_integrity=a.verify_dataset_integrity, no_pp=a.no_pp, preset=a.preset,
                 gpu_memory_target=a.gpu_memory_target, clean=a.clean, show_progress=not a.no_pbar,
                 generic=a.generic, spacing=a.spacing, ct_window=a.ct_window, zscore=a.zscore,
-                patch=a.patch, like=a.like)
+                patch=a.patch, like=a.like, intask_include_test=a.intask_include_test,
+                patch_fit_fraction=a.patch_fit_fraction)
         for plans_file in dict.fromkeys((result or {}).get("plans", {}).values()):
             print("\n".join(plans_summary(plans_file)))
         if not a.verbose:

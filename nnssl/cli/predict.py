@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_predict",
         description="Predict segmentations with nnU-Net's nnUNetPredictor (sliding window, Gaussian weighting, "
                     "optional mirroring). The output folder is what nnUNetv2_predict writes: one segmentation per "
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="plans", default=None, help="plans identifier (default: the architecture's plans)")
     p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file name in each fold folder (default: checkpoint_final.pth)")
-    p.add_argument("-device", default=None, choices=["cpu", "cuda"],
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="device (default: cuda when available, else cpu); mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     p.add_argument("-step_size", type=float, default=0.5,
                    help="sliding-window step as a fraction of the patch size (default: 0.5)")
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-nps", type=int, default=3, help="segmentation export processes (default: 3)")
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write softmax probabilities (.npz + .pkl), needed for ensembling")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the cases into this many parts, one per nnssl_predict process (as nnUNetv2_predict; "
+                        "default: 1)")
+    p.add_argument("-part_id", type=int, default=0,
+                   help="the part this process predicts, 0..num_parts-1 (e.g. -num_parts 2 with -part_id 0 on one "
+                        "GPU and -part_id 1 on another; all may write into the same -o)")
     p.add_argument("--continue_prediction", action="store_true",
                    help="only predict cases whose segmentation is not in the output folder yet")
     return p
@@ -48,8 +54,10 @@ def _run(a: argparse.Namespace):
     out = predict(a.input, a.output, a.dataset, a.configuration, a.folds, architecture=a.architecture,
                   trainer=a.trainer, plans=a.plans, checkpoint=a.checkpoint, device=a.device,
                   disable_tta=a.disable_tta, step_size=a.step_size, npp=a.npp, nps=a.nps,
-                  save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction)
-    print(f"nnssl_predict: {len(out['predicted'])} case(s) predicted into {out['output_folder']}"
+                  save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
+                  num_parts=a.num_parts, part_id=a.part_id)
+    part = f" (part {a.part_id} of 0..{a.num_parts - 1})" if a.num_parts > 1 else ""
+    print(f"nnssl_predict{part}: {len(out['predicted'])} case(s) predicted into {out['output_folder']}"
           + (f", {len(out['skipped'])} already there" if out["skipped"] else ""))
 
 

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nnssl.architectures.spec import ARCHITECTURES
     from nnssl.ssl.base import METHODS
 
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_show_pretext",
         description="Draw one pretraining batch with the same loader nnssl_pretrain uses and write a PNG mosaic of "
                     "what the pretext task shows the network (inputs, masks, targets of sample 0): for each "

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 from nnssl.dataset_conversion.phantom import DEFAULT_SHAPE
 
 
@@ -17,7 +17,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_synthetic",
         description="Write synthetic BTCV-like abdominal CT phantoms (13 organs, BTCV label ids) in the original "
                     "BTCV folder layout (RawData/Training/{img,label}, RawData/Testing/img) plus a folder of "

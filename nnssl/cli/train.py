@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = NnsslArgumentParser(
         prog="nnssl_train",
         description="Train one fold with nnU-Net's training loop; with -pretrained, inject the weights of an "
                     "nnssl_pretrain checkpoint first (a report of what was loaded is printed and written to "
@@ -22,8 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer class (default: the architecture's nnssl trainer, e.g. nnsslTrainer); "
                         "nnUNetTrainer and nnU-Net's other trainers work too")
     p.add_argument("-p", dest="plans", default=None, help="plans identifier (default: the architecture's plans)")
-    p.add_argument("-pretrained", default=None,
-                   help="pretraining checkpoint (checkpoint_final.pth of nnssl_pretrain) to initialize from")
+    p.add_argument("-pretrained", "-pretrained_weights", dest="pretrained", default=None,
+                   help="pretraining checkpoint (checkpoint_final.pth of nnssl_pretrain) to initialize from "
+                        "(-pretrained_weights: nnUNetv2_train's name for it)")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="train with N processes (DDP) as nnUNetv2_train -num_gpus: N GPUs with -device cuda, N CPU "
+                        "processes (gloo) with -device cpu; the plans' batch size is split over them (default: 1)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's, 1000 "
                                                             "for nnU-Net's)")
     p.add_argument("--iterations_per_epoch", type=int, default=None,
@@ -38,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune from a -pretrained checkpoint whose plans preprocess differently (spacing, "
                         "normalization or its intensity statistics, transpose); refused by default, with the list "
                         "of differences")
-    p.add_argument("-device", default=None, choices=["cpu", "cuda"],
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("-device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="device (default: cuda when available, else cpu); mps: Apple GPUs, where this torch build has MPS, else refused with the reason")
     p.add_argument("--cpu_precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="on -device cpu: 'auto' (default) trains with bf16 autocast when the CPU has native bf16 "
                         "(AMX / AVX512-BF16; a tiny U-Net's iteration ~1.4x faster) and in float32 otherwise; 'fp32' "
@@ -57,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(a: argparse.Namespace):
     from nnssl.training.finetune import train
 
-    out = train(a.dataset, a.configuration, a.fold, architecture=a.architecture, trainer=a.trainer, plans=a.plans,
-                pretrained=a.pretrained, epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
-                val_iterations=a.val_iterations, warmup_epochs=a.warmup_epochs,
-                freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device, cpu_precision=a.cpu_precision,
-                continue_training=a.continue_training, npz=a.npz, validation_only=a.validation_only,
-                allow_plans_mismatch=a.allow_plans_mismatch)
+    kwargs = dict(architecture=a.architecture, trainer=a.trainer, plans=a.plans, pretrained=a.pretrained,
+                  epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch, val_iterations=a.val_iterations,
+                  warmup_epochs=a.warmup_epochs, freeze_encoder_epochs=a.freeze_encoder_epochs, device=a.device,
+                  cpu_precision=a.cpu_precision, continue_training=a.continue_training, npz=a.npz,
+                  validation_only=a.validation_only, allow_plans_mismatch=a.allow_plans_mismatch)
+    if a.num_gpus == 1:
+        out = train(a.dataset, a.configuration, a.fold, **kwargs)
+    else:
+        from nnssl.training.ddp import train_ddp
+        out = train_ddp(a.num_gpus, a.dataset, a.configuration, a.fold, **kwargs)
     print(f"nnssl_train: results in {out['output_folder']}")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from nnssl.errors import NnsslError
 from nnssl.evaluation.evaluate import case_statistics, label_names, per_case_foreground_mean
-from nnssl.io import atomic_path
+from nnssl.io import atomic_path, check_writable
 
 METRICS = ("Dice", "HD95", "ASSD")
 RUN_FIELDS = ("architecture", "method", "pretraining_data")
@@ -228,6 +228,7 @@ def compare_runs(result_folders: Sequence[str], output_prefix: str) -> dict:
 
     output_prefix: a path without extension (a trailing .md/.csv/.png/.svg is dropped).
     """
+    check_writable(os.path.dirname(os.path.abspath(output_prefix)), "The folder of the report (-o)")
     if not result_folders:
         raise NnsslError("No result folders given; pass one or more folders that hold a summary.json.")
     runs = [load_run(p) for p in result_folders]

@@ -16,8 +16,8 @@ tools still read the file):
 
 With an ignore label, ignored voxels are removed from the prediction before the surface
 metrics, as nnU-Net removes them from the Dice counts. Inputs are validated before anything
-is computed (missing/extra predictions, label values, shape and geometry) and every problem is
-reported at once.
+is computed (missing/extra predictions, truncated NIfTI files, label values, shape and geometry)
+and every problem is reported at once.
 """
 import json
 import multiprocessing
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nnssl import datasets, paths
 from nnssl.errors import NnsslError
 from nnssl.evaluation.surface import hd95_and_assd
-from nnssl.io import atomic_path
+from nnssl.io import atomic_path, check_writable
 
 SURFACE_METRICS = ("HD95", "ASSD")
 STAT_METRICS = ("Dice", "IoU") + SURFACE_METRICS
@@ -149,7 +149,14 @@ def case_surface_metrics(ref_file: str, pred_file: str, reader_writer, labels_or
     """
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
 
+    from nnssl.dataset_conversion.validation import check_nifti_complete
+
     case = os.path.basename(pred_file)
+    try:  # ITK reads a cut-off NIfTI zero-filled: it would be scored as background
+        for file in (ref_file, pred_file):
+            check_nifti_complete(file, decompress=False)
+    except NnsslError as e:
+        return {"problems": [str(e).rstrip(".")], "metrics": {}}
     try:
         ref, ref_props = reader_writer.read_seg(ref_file)
         pred, pred_props = reader_writer.read_seg(pred_file)
@@ -245,6 +252,7 @@ def evaluate_folder(ref_folder: str, pred_folder: str, dataset_json_or_name, out
     output_file = os.path.abspath(output_file or os.path.join(pred_folder, "summary.json"))
     if not output_file.endswith(".json"):
         raise NnsslError(f"Output file '{output_file}' must end with .json (it is an nnU-Net summary.json).")
+    check_writable(os.path.dirname(output_file), "The folder of the summary file (-o, default: -pred)")
     dj = load_dataset_json(dataset_json_or_name)
     ending = dj["file_ending"]
     ref_files = list_cases(ref_folder, ending, "reference")
@@ -252,7 +260,7 @@ def evaluate_folder(ref_folder: str, pred_folder: str, dataset_json_or_name, out
                         ignore_extra)
     lm = _label_manager(dj)
     labels = [_as_key(r) for r in (lm.foreground_regions if lm.has_regions else lm.foreground_labels)]
-    allowed = sorted(set(lm.all_labels) | ({lm.ignore_label} if lm.has_ignore_label else set()))
+    allowed = sorted(int(v) for v in set(lm.all_labels) | ({lm.ignore_label} if lm.has_ignore_label else set()))
     try:
         rw = determine_reader_writer_from_dataset_json(dj, os.path.join(ref_folder, ref_files[0]), verbose=False)()
     except RuntimeError as e:

@@ -9,11 +9,22 @@ mirroring TTA, preprocessing and export are nnU-Net's.
 
 Before anything is predicted the inputs are checked against the model's ``dataset.json``
 (file naming, number of channels per case, same geometry for all channels of a case), so bad
-input fails with a message naming the case instead of a crash in a worker process.
+input fails with a message naming the case instead of a crash in a worker process. The images
+to predict are also read once to refuse truncated files (ITK zero-fills the missing part) and
+NaN/Inf intensities (ITK's NIfTI reader turns them into 0): both would give a segmentation of
+data that is not the scan, with exit code 0 (:func:`check_input_images`).
 
 Outputs are written to ``OUT/.nnssl_partial/`` and moved into ``OUT`` when complete, so an
 interrupted run never leaves a half-written segmentation; ``continue_prediction`` then predicts
-only the cases whose segmentation is missing.
+only the cases whose segmentation is missing. ``OUT`` has one writer at a time (``OUT/.nnssl.lock``,
+:mod:`nnssl.locks`): a second run into it is refused instead of deleting the first one's staging
+folder.
+
+``num_parts`` / ``part_id`` split the cases over several processes (GPUs, machines) as
+``nnUNetv2_predict -num_parts/-part_id`` does: part ``i`` takes every ``num_parts``-th case of
+the sorted case list starting at ``i``, before already predicted cases are dropped. Each part
+stages into its own ``OUT/.nnssl_partial_part<i>/`` and holds its own lock, so the parts may
+write into one ``OUT`` at once.
 """
 import os
 import re
@@ -28,9 +39,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnssl import locks
 from nnssl.devices import resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
 from nnssl.training.finetune import fold_folder, resolve_run
 from nnssl.training.trainer_lookup import find_trainer_class
 
@@ -115,6 +127,25 @@ def collect_cases(input_folder: str, dataset_json: dict) -> "OrderedDict[str, Li
     return OrderedDict((case, [files[c] for c in expected]) for case, files in cases.items())
 
 
+def check_input_images(cases: Dict[str, List[str]], names: Sequence[str]) -> None:
+    """Refuse truncated files and NaN/Inf intensities among the channel files of the cases ``names``.
+
+    NaN/Inf are refused, not replaced: training data with them is refused too (raw-data checks),
+    and any replacement value (0, the minimum, ...) is a guess that changes the segmentation
+    near those voxels without the user seeing it; the message gives the one-line fix instead.
+    """
+    from nnssl.dataset_conversion.validation import check_finite_image, read_image
+
+    for case in names:
+        for f in cases[case]:
+            if not f.lower().endswith(_SITK_ENDINGS):
+                continue
+            try:
+                check_finite_image(read_image(f), f)
+            except NnsslError as e:
+                raise NnsslError(f"Input case '{case}' (-i) is not predicted: {e}") from None
+
+
 def _model_folder(ds: str, trainer: str, plans: str, configuration: str, folds: List, checkpoint: str,
                   arch_name: str) -> str:
     folder = fold_folder(ds, trainer, plans, configuration)
@@ -136,10 +167,16 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
             folds: Sequence[Union[int, str]] = (0,), architecture: Optional[str] = None, trainer: Optional[str] = None,
             plans: Optional[str] = None, checkpoint: str = "checkpoint_final.pth", device: Optional[str] = None,
             disable_tta: bool = False, step_size: float = 0.5, npp: int = 3, nps: int = 3,
-            save_probabilities: bool = False, continue_prediction: bool = False) -> dict:
-    """Segment every case of ``input_folder`` into ``output_folder`` (nnUNetv2_predict's layout)."""
+            save_probabilities: bool = False, continue_prediction: bool = False, num_parts: int = 1,
+            part_id: int = 0) -> dict:
+    """Segment every case of ``input_folder`` (this part's share of it) into ``output_folder``
+    (nnUNetv2_predict's layout)."""
     if not 0 < step_size <= 1:
         raise NnsslError(f"-step_size must be in (0, 1] (got {step_size}).")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise NnsslError(f"-part_id must be in 0..{num_parts - 1} and -num_parts at least 1 (got -num_parts "
+                         f"{num_parts} -part_id {part_id}); for 3 parts run -part_id 0, 1 and 2.")
+    check_writable(output_folder, "The output folder (-o)")
     folds = [f if str(f) == "all" else int(f) for f in folds]
     dev = resolve_device(device)
     ds, plans_name, trainer_name, spec = resolve_run(dataset, configuration, architecture, plans, trainer,
@@ -151,10 +188,26 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
         raise NnsslError("The output folder (-o) is the input folder (-i); choose another -o (inputs are never "
                          "modified).")
     ending = dataset_json["file_ending"]
-    todo = [c for c in cases if not (continue_prediction and os.path.isfile(os.path.join(output_folder, c + ending))
+    mine = sorted(cases)[part_id::num_parts]  # nnUNetv2_predict's split, made before finished cases are dropped
+    todo = [c for c in mine if not (continue_prediction and os.path.isfile(os.path.join(output_folder, c + ending))
                                       and (not save_probabilities or
                                            os.path.isfile(os.path.join(output_folder, c + ".npz"))))]
+    check_input_images(cases, todo)
+    # one writer per part: parts of one -num_parts split may share -o (their cases and staging folders differ)
+    lock = locks.LOCK_NAME if num_parts == 1 else f"{locks.LOCK_NAME}_part{part_id}"
+    with locks.exclusive(output_folder, f"The prediction folder (-o) {output_folder}", lock):
+        _predict_into(output_folder, input_folder, model_dir, configuration, folds, checkpoint,
+                      [cases[c] for c in todo], dev, disable_tta, step_size, npp, nps, save_probabilities,
+                      continue_prediction, num_parts, part_id)
+    return {"output_folder": output_folder, "model_folder": model_dir, "predicted": todo,
+            "skipped": [c for c in mine if c not in todo]}
 
+
+def _predict_into(output_folder: str, input_folder: str, model_dir: str, configuration: str, folds: List,
+                  checkpoint: str, lists: List[List[str]], dev: torch.device, disable_tta: bool, step_size: float,
+                  npp: int, nps: int, save_probabilities: bool, continue_prediction: bool, num_parts: int = 1,
+                  part_id: int = 0) -> None:
+    """Predict the channel-file ``lists`` into ``output_folder`` (whose lock this run holds) via the staging folder."""
     predictor = nnsslPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                perform_everything_on_device=dev.type == "cuda", device=dev, allow_tqdm=True)
     predictor.initialize_from_trained_model_folder(model_dir, folds, checkpoint)
@@ -162,10 +215,9 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
         raise NnsslError(f"Configuration '{configuration}' is a cascade stage that needs the previous stage's "
                          f"predictions; use nnUNetv2_predict with -prev_stage_predictions for it.")
 
-    stage = os.path.join(output_folder, STAGING)
+    stage = os.path.join(output_folder, STAGING if num_parts == 1 else f"{STAGING}_part{part_id}")
     shutil.rmtree(stage, ignore_errors=True)  # leftovers of an interrupted run
     os.makedirs(stage)
-    lists = [cases[c] for c in todo]
     if npp == 0 and nps == 0:
         predictor.predict_from_files_sequential(lists, stage, save_probabilities=save_probabilities)
     else:
@@ -178,10 +230,9 @@ def predict(input_folder: str, output_folder: str, dataset, configuration: str =
     args["list_of_lists_or_source_folder"] = os.path.abspath(input_folder)
     args["output_folder_or_list_of_truncated_output_files"] = os.path.abspath(output_folder)
     args["overwrite"] = not continue_prediction
+    args.update(num_parts=num_parts, part_id=part_id)
     write_json(args, os.path.join(output_folder, "predict_from_raw_data_args.json"))
     os.remove(args_file)
     for name in sorted(os.listdir(stage)):
         os.replace(os.path.join(stage, name), os.path.join(output_folder, name))
     os.rmdir(stage)
-    return {"output_folder": output_folder, "model_folder": model_dir, "predicted": todo,
-            "skipped": [c for c in cases if c not in todo]}

@@ -12,10 +12,16 @@ A method is three things (the lightly/MAE pattern):
    checkpoint's ``network_weights`` hold the segmentation network only);
 3. ``forward_loss(network, batch)`` -- runs the network (and heads) and returns a dict of
    named loss terms plus ``"loss"``, their weighted sum, which the engine backpropagates.
+   The engine calls it under autocast (fp16 AMP on CUDA, bf16 with ``--cpu_precision`` on
+   the CPU): the network and heads run in it; the loss terms are computed inside
+   :func:`float32_loss` from outputs cast with ``.float()``, so no loss (k-means CE,
+   contrastive similarities, BYOL cosines, reconstruction errors) is a low-precision product.
 
 Hyper-parameters are a dataclass with the paper's defaults (``config_class``); the engine
 overrides fields from ``--set key=value`` and saves the result beside the checkpoint.
 """
+import dataclasses
+import math
 from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,6 +29,15 @@ import torch
 from torch import nn
 
 from nnssl.registry import Registry
+from nnssl.ssl.crops import CropChoice, InputRule, choose
+
+
+def float32_loss(like: torch.Tensor):
+    """Context manager for a method's loss terms: autocast off on ``like``'s device, so the losses
+    computed inside are float32 when their inputs are (cast the network/head outputs with ``.float()``
+    inside it). Low-precision similarities and distances lose the small differences the losses
+    are made of (bf16 keeps ~3 significant digits)."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class SSLMethod(nn.Module):
@@ -51,9 +66,43 @@ class SSLMethod(nn.Module):
         return 1
 
     @classmethod
-    def crop_size(cls, cfg, planned_patch_size: Sequence[int]) -> Tuple[int, ...]:
-        """Size of the random crops the loader produces (default: the planned patch size)."""
-        return tuple(int(p) for p in planned_patch_size)
+    def default_config(cls, architecture: str):
+        """The config a run on ``architecture`` starts from, before ``--set``: the dataclass's defaults.
+        A method whose paper or authors' code gives other defaults for some backbones overrides it
+        (order_reconstruction on ``unetr`` / ``unetr_pp``)."""
+        return cls.config_class()
+
+    @classmethod
+    def crop_requirement(cls, cfg) -> str:
+        """The method's own constraint on its crops, in words (for the start-up line and refusals);
+        "" = none."""
+        return ""
+
+    @classmethod
+    def crop_axis_ok(cls, cfg, axis: int, size: int, rule: InputRule) -> bool:
+        """Whether the method takes ``size`` voxels along ``axis`` on a network that accepts ``rule``.
+        Default: any size."""
+        return True
+
+    @classmethod
+    def crop_joint_ok(cls, cfg, crop: Tuple[int, ...]) -> bool:
+        """Whether the method takes ``crop`` as a whole (constraints between axes). Default: yes."""
+        return True
+
+    @classmethod
+    def choose_crop(cls, cfg, planned_patch_size: Sequence[int], rule: Optional[InputRule] = None) -> CropChoice:
+        """The random crops the loader produces: the largest crop inside the planned patch that the network
+        (``rule``; None = any size) and the method (the three hooks above) accept, and why it is smaller
+        (:mod:`nnssl.ssl.crops`); NnsslError when there is none. A method without constraints: the
+        planned patch."""
+        rule = rule or InputRule.anything(len(planned_patch_size))
+        return choose(cls.name, planned_patch_size, rule, lambda axis, size: cls.crop_axis_ok(cfg, axis, size, rule),
+                      lambda crop: cls.crop_joint_ok(cfg, crop), cls.crop_requirement(cfg))
+
+    @classmethod
+    def crop_size(cls, cfg, planned_patch_size: Sequence[int], rule: Optional[InputRule] = None) -> Tuple[int, ...]:
+        """The crop of :meth:`choose_crop` alone."""
+        return cls.choose_crop(cfg, planned_patch_size, rule).crop
 
     @classmethod
     def prepare(cls, cfg, data_folder: str, identifiers: List[str], seed: int):
@@ -125,9 +174,55 @@ METHODS: Registry[type] = Registry("SSL method", "-m")
 TRANSFERS = ("encoder", "encoder+decoder")  # what a config's / checkpoint's `transfer` may say
 
 
+# Valid ranges of numeric config fields (ints, floats and tuples of them), by field name: every
+# value must be finite; intensities may be negative, shares and probabilities lie in [0, 1],
+# rates, lengths and sizes are positive, all other numbers (weights, counts, ...) non-negative.
+SIGNED_FIELDS = frozenset({"mask_value", "noise_low", "noise_high"})
+POSITIVE_FIELDS = frozenset({"lr", "iterations", "batch_size", "temperature", "lr_gamma", "grad_clip", "K"})
+_UNIT_SUFFIXES = ("_prob", "_ratio", "_fraction", "dropout")
+
+
+def numeric_range(name: str) -> Tuple[float, float, bool, str]:
+    """(low, high, low exclusive, description) of the numeric config field ``name``."""
+    if name in SIGNED_FIELDS:
+        return -math.inf, math.inf, False, "any finite number"
+    if name.endswith(_UNIT_SUFFIXES) or name == "tau_base":
+        return 0.0, 1.0, False, "in [0, 1]"
+    if name in POSITIVE_FIELDS or "size" in name:
+        return 0.0, math.inf, True, "> 0"
+    return 0.0, math.inf, False, ">= 0"
+
+
+def _numbers(value) -> Optional[List[float]]:
+    """The numbers of a numeric field value (a number or a tuple/list of numbers); None otherwise."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        return None
+    return [float(v) for v in items]
+
+
+def check_numeric_fields(method: str, cfg) -> None:
+    """Refuse (NnsslError) a NaN/Inf or out-of-range number in any field of a method config
+    (``--set lr=-1`` / ``lr=nan`` would otherwise end in a traceback of torch's optimizer)."""
+    from nnssl.errors import NnsslError
+
+    fields = {f.name: _numbers(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    for name, values in fields.items():
+        low, high, open_low, text = numeric_range(name)
+        if not all(math.isfinite(v) and (v > low if open_low else v >= low) and v <= high for v in values):
+            groups: Dict[str, List[str]] = {}
+            for k in fields:
+                groups.setdefault(numeric_range(k)[3], []).append(k)
+            listing = "; ".join(f"{desc}: {', '.join(names)}" for desc, names in groups.items())
+            raise NnsslError(f"{method}: {name}={getattr(cfg, name)!r} is not valid: it must be {text} (and finite). "
+                             f"Fix it with --set {name}=VALUE. Valid ranges of the numeric {method} settings -- "
+                             f"{listing}.")
+
+
 def check_common_fields(method: str, cfg) -> None:
     """Refuse (NnsslError) a bad ``transfer`` or ``grad_clip`` field of a method config (fields every
-    method config has: SPEC §5)."""
+    method config has: SPEC §5) and any number out of its range (:func:`check_numeric_fields`)."""
     from nnssl.errors import NnsslError
 
     if cfg.transfer not in TRANSFERS:
@@ -136,6 +231,7 @@ def check_common_fields(method: str, cfg) -> None:
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise NnsslError(f"{method}: grad_clip={cfg.grad_clip} must be > 0 (a max gradient norm) or none (no "
                          f"clipping); fix it with --set grad_clip=none.")
+    check_numeric_fields(method, cfg)
 
 
 def compatible_architectures(method: str) -> List[str]:

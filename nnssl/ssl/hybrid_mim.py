@@ -15,20 +15,30 @@ Per step (:meth:`HybridMIM.forward_loss`):
   decoder on region statistics (tests/test_hybrid_mim.py shows both);
 - **patch-masking perception** (region level, eq. 2-5): the bottleneck is average-pooled per
   sub-volume; a linear number head (K + 1 = 9 classes, cross-entropy) and a linear location head
-  (K = 8 outputs, binary cross-entropy summed over the patches, eq. 4) read it; the consistency loss
-  (eq. 5) is ½(CE(number logits, #[p > 0.5]) + MSE(Σ p, argmax number));
-- **dropout contrastive** (sample level, eq. 6, SimCSE): the global average of the bottleneck of
-  the same masked input, twice with dropout active; NT-Xent (τ = 0.5) with the other samples of the
-  batch as negatives. nnU-Net's U-Net (and SwinUNETR at its default drop rates) has no dropout, so
-  both views would be identical: the method then applies its own dropout (``contrastive_dropout``,
-  SimCSE's 0.1) to the bottleneck map of each view, which needs only one encoder pass; a backbone
-  with active dropout is encoded twice (``contrastive_dropout_mode``).
+  (K = 8 outputs, binary cross-entropy summed over the patches and averaged over the sub-volumes,
+  eq. 4: 8x the authors' code, whose ``BCEWithLogitsLoss`` also averages over the patches; nnssl
+  keeps the paper) read it; the consistency loss (eq. 5) is ½(CE(number logits, #[p > 0.5]) +
+  MSE(Σ p, argmax number));
+- **dropout contrastive** (sample level, eq. 6, SimCSE): the masked input is encoded twice with
+  dropout active *inside* the encoder; the two global averages of the bottleneck are a sample's
+  positive pair, the other samples of the batch (of every process under DDP,
+  :mod:`nnssl.ssl.distributed`) its negatives; NT-Xent (τ = 0.5). The first pass is the one every
+  other term uses; the second runs without gradient, as the authors' code
+  (``second_pass_grad``). Dropout (``encoder_dropout`` = the authors' 0.1,
+  :mod:`nnssl.ssl.encoder_dropout`): SwinUNETR's ``drop_rate``, as the authors pretrain it; nnU-Net's
+  U-Nets get functional dropout on the output of every encoder stage (forward hooks, so the saved
+  state dict is the planned network's). ``cl_pos_cos`` (logged every epoch, not trained) is the
+  mean cosine of the positive pairs: exactly 1 would mean two identical views (the term could then
+  only push negatives apart). The pooled features of an untrained U-Net are nearly parallel for
+  any two crops (non-negative activations), so expect values near 1 at the start.
 
 L = L_PR + 0.1·L_num + 0.1·L_loc + 0.01·L_con + 0.1·L_CL (eq. 7; each weight a field). Encoder and
 decoder transfer. The network is built with one output per input channel (the reconstruction).
 
 Assumptions (each a config field):
-- ``crop_size`` None: the planned patch (like every nnssl method; the paper crops 96³);
+- ``crop_size`` None: the largest crop inside the planned patch that divides into whole sub-volumes
+  with the region on the network's stride grid (:meth:`HybridMIM.crop_axis_ok`; the planned patch
+  itself where it does, e.g. 96³ or 128³, the paper's crops; 32 x 96 x 96 from a 40 x 96 x 96 plan);
 - ``region_size`` None: the crop less one sub-volume per axis (the paper's 64 of 96 and 96 of 128).
   The region's start is snapped to the network's coarsest stride (levels are cropped by whole
   voxels): where the centred start is not a multiple (16 for a 64³ region in a 96³ crop under
@@ -40,6 +50,12 @@ Assumptions (each a config field):
   printed, summed over the R sub-volumes);
 - ``ntxent_denominator`` "all": SimCLR's NT-Xent (the positive is in the denominator, as eq. 6's
   text says "k ≠ i"); "negatives" = eq. 6 as printed (k ≠ i, j);
+- ``encoder_dropout_stages`` "all": dropout after every encoder stage of nnU-Net's U-Nets, like
+  SimCSE's dropout throughout its encoder. The authors' U-Net drops only in its first stage (and
+  its decoder): "first" follows them (tiny preset, random input: positive-pair cosine 0.9989 with
+  "first", 0.992 with "all");
+- ``second_pass_grad`` False: the second contrastive pass runs without gradient (the authors'
+  ``torch.no_grad()``; SimCSE back-propagates through both);
 - the warm-up (paper: 50 epochs of an unspecified length in 100k steps) is ``warmup_fraction`` =
   5 % of the run; batch 4 (the paper's per-GPU batch).
 """
@@ -52,13 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnssl.architectures.blocks.swin import DropPath
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
+from nnssl.ssl.crops import CropChoice
+from nnssl.ssl.distributed import gather_with_grad
+from nnssl.ssl.encoder_dropout import STAGE_CHOICES, enable_encoder_dropout
 from nnssl.transforms.hybrid_masking import (SAMPLING, check_region, default_region, hybrid_mask, mask_geometry,
                                              region_offsets, voxel_mask)
-
-DROPOUT_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -71,18 +87,19 @@ class HybridMIMConfig:
     mask_ratio: float = 0.4
     mask_value: float = 0.0
     mask_sampling: str = "exact"  # Assumption (see the module docstring)
-    crop_size: Optional[Tuple[int, int, int]] = None  # Assumption: None = the planned patch
+    crop_size: Optional[Tuple[int, int, int]] = None  # Assumption: None = the largest valid crop in the planned patch
     # partial region prediction
     region_size: Optional[Tuple[int, int, int]] = None  # Assumption: None = crop less one sub-volume
     # loss weights (eq. 7) and terms
     weight_pr: float = 1.0
     weight_num: float = 0.1
-    weight_loc: float = 0.1
+    weight_loc: float = 0.1  # on eq. 4's L_loc: summed over the 8 patches (8x the authors' per-patch mean)
     weight_con: float = 0.01
     weight_cl: float = 0.1
     temperature: float = 0.5
-    contrastive_dropout: float = 0.1  # SimCSE's dropout, where the method applies its own
-    contrastive_dropout_mode: str = "auto"  # auto: only when the encoder has no active dropout
+    encoder_dropout: float = 0.1  # the authors' 0.1, inside the encoder (module docstring); 0: as planned
+    encoder_dropout_stages: str = "all"  # Assumption: nnU-Net U-Nets, after every stage ("first": the authors)
+    second_pass_grad: bool = False  # Assumption: the authors' second contrastive pass has no gradient
     con_reduction: str = "mean"  # Assumption
     ntxent_denominator: str = "all"  # Assumption
     # set by configure() from the data and the network (not settings)
@@ -115,9 +132,8 @@ class HybridMIMConfig:
             (min(self.weight_pr, self.weight_num, self.weight_loc, self.weight_con, self.weight_cl) >= 0,
              "loss weights must be >= 0 (paper: 1, 0.1, 0.1, 0.01, 0.1)"),
             (self.temperature > 0, "temperature must be > 0 (paper: 0.5)"),
-            (0 <= self.contrastive_dropout < 1, "contrastive_dropout must be in [0, 1) (SimCSE: 0.1)"),
-            (self.contrastive_dropout_mode in DROPOUT_MODES,
-             f"contrastive_dropout_mode must be one of {DROPOUT_MODES}"),
+            (0 <= self.encoder_dropout < 1, "encoder_dropout must be in [0, 1) (the authors: 0.1)"),
+            (self.encoder_dropout_stages in STAGE_CHOICES, f"encoder_dropout_stages must be one of {STAGE_CHOICES}"),
             (self.con_reduction in ("mean", "sum"), "con_reduction must be mean or sum"),
             (self.ntxent_denominator in ("all", "negatives"), "ntxent_denominator must be all or negatives"),
             (self.reconstruct_channels >= 1, "reconstruct_channels must be >= 1"),
@@ -131,21 +147,25 @@ class HybridMIMConfig:
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, exclude_positive: bool = False) -> torch.Tensor:
     """NT-Xent over N pairs (z1[i], z2[i]): z1, z2 [N, F] -> mean over the 2N anchors of
     -log(exp(cos(i, j) / τ) / Σ_{k ≠ i} exp(cos(i, k) / τ)), j = the anchor's pair
-    (``exclude_positive``: the sum also skips k = j, eq. 6 as printed)."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    (``exclude_positive``: the sum also skips k = j, eq. 6 as printed).
+
+    Under DDP, z1 and z2 are this process's n pairs: the candidates k are the pairs of every process
+    (:func:`~nnssl.ssl.distributed.gather_with_grad`), the anchors this process's 2n rows, so the mean
+    over the processes is the loss of the global batch."""
     n = z1.shape[0]
-    sim = z @ z.t() / temperature
-    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    a, offset = gather_with_grad(z1.float())
+    b, _ = gather_with_grad(z2.float())
+    total = a.shape[0]
+    z = F.normalize(torch.cat([a, b]), dim=1)  # [2N, F]
+    mine = torch.arange(offset, offset + n, device=z.device)
+    anchors = torch.cat([mine, mine + total])  # this process's rows of z
+    pair = torch.cat([mine + total, mine])
+    sim = z[anchors] @ z.t() / temperature  # [2n, 2N]
     positive = sim[torch.arange(2 * n, device=z.device), pair]
-    excluded = eye | F.one_hot(pair, 2 * n).bool() if exclude_positive else eye
+    excluded = F.one_hot(anchors, 2 * total).bool()
+    if exclude_positive:
+        excluded |= F.one_hot(pair, 2 * total).bool()
     return (torch.logsumexp(sim.masked_fill(excluded, float("-inf")), dim=1) - positive).mean()
-
-
-def has_active_dropout(module: nn.Module) -> bool:
-    """True if any dropout or stochastic-depth layer of ``module`` drops with p > 0."""
-    kinds = (nn.modules.dropout._DropoutNd, DropPath)
-    return any(isinstance(m, kinds) and float(getattr(m, "p", 0.0)) > 0 for m in module.modules())
 
 
 def level_strides(crop: Sequence[int], features: Sequence[torch.Tensor]) -> List[Tuple[int, int, int]]:
@@ -210,10 +230,9 @@ class HybridMIM(SSLMethod):
         k = self.geometry.patches_per_sub_volume
         self.number_head = nn.Linear(int(width[-1]), k + 1)
         self.location_head = nn.Linear(int(width[-1]), k)
-        self.dropout = nn.Dropout(cfg.contrastive_dropout)
-        mode = cfg.contrastive_dropout_mode
-        self.backbone_dropout = has_active_dropout(network.encoder)
-        self.method_dropout = mode == "always" or (mode == "auto" and not self.backbone_dropout)
+        # Dropout serves the contrastive term only: without it the network trains as planned.
+        self._dropout_hooks = tuple(enable_encoder_dropout(network, cfg.encoder_dropout, cfg.encoder_dropout_stages)
+                                    if cfg.weight_cl > 0 else ())
 
     # --- class-level hooks -------------------------------------------------------------
     @classmethod
@@ -221,8 +240,32 @@ class HybridMIM(SSLMethod):
         return cfg.reconstruct_channels
 
     @classmethod
-    def crop_size(cls, cfg: HybridMIMConfig, planned_patch_size: Sequence[int]) -> Tuple[int, ...]:
-        return tuple(cfg.crop_size) if cfg.crop_size is not None else tuple(int(p) for p in planned_patch_size)
+    def crop_requirement(cls, cfg: HybridMIMConfig) -> str:
+        return (f"whole {'x'.join(map(str, cfg.sub_volume_size))} sub-volumes along every axis (or one shorter "
+                f"sub-volume of whole patches) and a reconstruction region on the network's stride grid")
+
+    @classmethod
+    def crop_axis_ok(cls, cfg: HybridMIMConfig, axis: int, size: int, rule) -> bool:
+        """:func:`mask_geometry`'s rule along one axis (a multiple of the sub-volume, or shorter and a multiple
+        of its patch count) and :func:`check_region`'s (region and crop multiples of the network's divisor,
+        which the coarsest stride divides)."""
+        sub, split = cfg.sub_volume_size[axis], max(1, cfg.sub_volume_size[axis] // cfg.patch_size[axis])
+        if size < sub:
+            ok, region = size % split == 0, size
+        else:
+            ok, region = size % sub == 0, (size - sub if size > sub else size)
+        if cfg.region_size is not None:
+            ok, region = ok and cfg.region_size[axis] <= size, cfg.region_size[axis]
+        stride = 1 if rule.fixed else int(rule.divisor[axis])
+        return ok and region % stride == 0 and size % stride == 0
+
+    @classmethod
+    def choose_crop(cls, cfg: HybridMIMConfig, planned_patch_size: Sequence[int], rule=None) -> CropChoice:
+        """``--set crop_size`` as given (checked in :meth:`configure`), else the largest valid crop."""
+        if cfg.crop_size is None:
+            return super().choose_crop(cfg, planned_patch_size, rule)
+        planned = tuple(int(p) for p in planned_patch_size)
+        return CropChoice(tuple(cfg.crop_size), planned, "" if cfg.crop_size == planned else "it was set with --set crop_size")
 
     @classmethod
     def configure(cls, cfg: HybridMIMConfig, build_network, crop_size, num_input_channels: int):
@@ -282,16 +325,14 @@ class HybridMIM(SSLMethod):
                 ("reconstruction region (1), its masked voxels (2)", region_map)]
 
     # --- training ----------------------------------------------------------------------
-    def _pool_views(self, network: nn.Module, data: torch.Tensor, bottleneck: torch.Tensor):
-        """The two dropout views [B, F] of the contrastive term (global average of the bottleneck)."""
-        second = network.encoder(data)[-1] if self.backbone_dropout else bottleneck
-        views = []
-        for b in (bottleneck, second):
-            views.append((self.dropout(b) if self.method_dropout else b).mean(dim=(2, 3, 4)))
-        return views
+    def _second_view(self, network: nn.Module, data: torch.Tensor) -> torch.Tensor:
+        """The second contrastive view [B, F]: another encoder pass (other dropout masks), pooled."""
+        with torch.set_grad_enabled(self.cfg.second_pass_grad and torch.is_grad_enabled()):
+            return network.encoder(data)[-1].float().mean(dim=(2, 3, 4))
 
     def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Returns {"pr", "num", "loc", "con", "cl", "loss"} (eq. 7)."""
+        """Returns {"pr", "num", "loc", "con", "cl", "loss"} (eq. 7) and, with the contrastive term, the
+        monitor "cl_pos_cos" (mean cosine of the positive pairs; not trained)."""
         cfg, geometry = self.cfg, self.geometry
         data, image = batch["data"], batch["image"]
         if self.cfg.weight_cl > 0 and data.shape[0] < 2:
@@ -304,31 +345,39 @@ class HybridMIM(SSLMethod):
             raise NnsslError(f"hybrid_mim reconstructs every input channel, but the network has {recon.shape[1]} "
                              f"output(s) for {image.shape[1]} channel(s): build it with "
                              f"network_output_channels(cfg) outputs after configure() (the engine does).")
+        bottleneck = features[-1]
+        pooled = F.adaptive_avg_pool3d(bottleneck.float(), geometry.grid).flatten(2).transpose(1, 2)  # [B, R, F]
+        num_logits, loc_logits = self.number_head(pooled), self.location_head(pooled)
+        # the second encoder pass runs here, under the network's autocast; the views are pooled in float32
+        views = (bottleneck.float().mean(dim=(2, 3, 4)), self._second_view(network, data)) if cfg.weight_cl > 0 \
+            else None
+
         box = (slice(None), slice(None)) + tuple(slice(o, o + r) for o, r in zip(start, self.region))
         hit = batch["patch_mask"]  # [B, P0, P1, P2] -> voxels [B, 1, D, H, W], cropped to the region
         for axis, size in enumerate(geometry.patch):
             hit = torch.repeat_interleave(hit, size, dim=axis + 1)
         hit = hit[:, None][box]
-        err = (recon.float() - image[box].float()) ** 2 * hit
-        pr = err.sum() / (hit.sum() * image.shape[1]).clamp(min=1)
+        with float32_loss(data):
+            err = (recon.float() - image[box].float()) ** 2 * hit
+            pr = err.sum() / (hit.sum() * image.shape[1]).clamp(min=1)
+            num_logits, loc_logits = num_logits.float(), loc_logits.float()
+            counts, locations = batch["counts"].long(), batch["locations"].float()
+            num = F.cross_entropy(num_logits.flatten(0, 1), counts.flatten())
+            # eq. 4: summed over the K patches, averaged over the sub-volumes (8x the authors' all-element mean)
+            loc = F.binary_cross_entropy_with_logits(loc_logits, locations, reduction="none").sum(-1).mean()
+            p = torch.sigmoid(loc_logits)
+            implied = (p > 0.5).sum(-1).detach()
+            con_ce = F.cross_entropy(num_logits.flatten(0, 1), implied.flatten(), reduction="none").view_as(implied)
+            con_ce = con_ce.sum(1).mean() if cfg.con_reduction == "sum" else con_ce.mean()
+            con = 0.5 * (con_ce + F.mse_loss(p.sum(-1), num_logits.argmax(-1).float()))
 
-        bottleneck = features[-1]
-        pooled = F.adaptive_avg_pool3d(bottleneck.float(), geometry.grid).flatten(2).transpose(1, 2)  # [B, R, F]
-        num_logits, loc_logits = self.number_head(pooled), self.location_head(pooled)
-        counts, locations = batch["counts"].long(), batch["locations"].float()
-        num = F.cross_entropy(num_logits.flatten(0, 1), counts.flatten())
-        loc = F.binary_cross_entropy_with_logits(loc_logits, locations, reduction="none").sum(-1).mean()
-        p = torch.sigmoid(loc_logits)
-        implied = (p > 0.5).sum(-1).detach()
-        con_ce = F.cross_entropy(num_logits.flatten(0, 1), implied.flatten(), reduction="none").view_as(implied)
-        con_ce = con_ce.sum(1).mean() if cfg.con_reduction == "sum" else con_ce.mean()
-        con = 0.5 * (con_ce + F.mse_loss(p.sum(-1), num_logits.argmax(-1).float()))
-
-        if cfg.weight_cl > 0:
-            v1, v2 = self._pool_views(network, data, bottleneck)
-            cl = nt_xent(v1.float(), v2.float(), cfg.temperature, cfg.ntxent_denominator == "negatives")
-        else:
-            cl = pr.new_zeros(())
-        loss = (cfg.weight_pr * pr + cfg.weight_num * num + cfg.weight_loc * loc + cfg.weight_con * con
-                + cfg.weight_cl * cl)
-        return {"pr": pr, "num": num, "loc": loc, "con": con, "cl": cl, "loss": loss}
+            monitors = {}
+            if views is not None:
+                v1, v2 = views
+                cl = nt_xent(v1, v2, cfg.temperature, cfg.ntxent_denominator == "negatives")
+                monitors["cl_pos_cos"] = F.cosine_similarity(v1.detach(), v2.detach(), dim=1).mean()
+            else:
+                cl = pr.new_zeros(())
+            loss = (cfg.weight_pr * pr + cfg.weight_num * num + cfg.weight_loc * loc + cfg.weight_con * con
+                    + cfg.weight_cl * cl)
+        return {"pr": pr, "num": num, "loc": loc, "con": con, "cl": cl, **monitors, "loss": loss}

@@ -42,7 +42,7 @@ from torch import nn
 
 from nnssl.errors import NnsslError
 from nnssl.ssl import pseudo_labels
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.transforms.slice_masking import apply_slice_mask, draw_slice_mask
 
 
@@ -242,6 +242,7 @@ class MaskedKMeans(SSLMethod):
         if isinstance(out, (list, tuple)):
             out = out[0]
         logits = self.head(out)
-        ce = multi_clusterer_ce(logits, self.cluster_sizes, batch["labels"], batch["masked_slices"],
-                                self.cfg.temperature, self.cfg.loss_normalization)
+        with float32_loss(logits):
+            ce = multi_clusterer_ce(logits.float(), self.cluster_sizes, batch["labels"], batch["masked_slices"],
+                                    self.cfg.temperature, self.cfg.loss_normalization)
         return {"ce": ce, "loss": ce}

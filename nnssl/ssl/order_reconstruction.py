@@ -2,8 +2,9 @@
 
 In-task SSL (default ``-pd intask``: the target's own training images). Per crop (loader workers,
 :mod:`nnssl.transforms.slab_shuffle`): split along depth into B = D / P_dm equal slabs, shuffle them
-with a random permutation per sample, mask the shuffled volume (ratio 0.4, 16³ patches at a 96³
-crop, scaled per axis to the crop). The network sees the shuffled, masked crop:
+with a random permutation per sample, mask the shuffled volume (ratio 0.4; 16³ patches at a 96³
+crop, scaled per axis to the crop, or a fixed 4³ on UNETR++, see "Defaults per backbone"). The
+network sees the shuffled, masked crop:
 
 - order prediction: every encoder level's features [N, C_i, D_i, H_i, W_i] are averaged over height
   and width per depth position, then over the depth positions of each slab along the *shuffled*
@@ -20,23 +21,38 @@ P_dm and B come from the network, through the "levels" capability only (no per-a
 :meth:`OrderReconstruction.configure` runs the encoder once on a zero crop and takes B = the depth
 of the bottleneck features (paper: B = D / P_dm, P_dm the bottleneck's depth downsampling).
 
+Defaults per backbone (:meth:`OrderReconstruction.default_config`, recorded in the config field
+``backbone_defaults``; ``--set`` overrides any of them):
+
+- order heads (``order_levels``): on ``unetr`` / ``unetr_pp`` the four transformer levels t1..t4
+  (``-4,-3,-2,-1``: Table VIII's best), not the full-resolution conv block on the input (MONAI's
+  encoder1) that ``network.encoder`` also returns. On every other architecture "all": one head per
+  level ``network.encoder`` returns (nnU-Net's U-Nets: every encoder stage), the closest reading of
+  "all hierarchical levels" for a backbone the paper did not test;
+- ``unetr_pp``: Assumption (the paper gives only "200 epochs, lr 1e-4" for step 1; the authors'
+  UNETR++ code, ``unetr_pp_trainer_synapse.py`` and ``init_train_val_synapse.sh``, gives the rest):
+  mask patches of a fixed 4³ (``mask_patch_size`` = 4,4,4, ``mask_patch_scaling`` = false, not 16³
+  scaled to 11x21x21 at 64x128x128); SGD (momentum 0.99, Nesterov) with lr 1e-4, weight decay 3e-5
+  (nnU-Net v1's, which the authors' trainer inherits), poly decay without warm-up, gradient norm
+  clipped at 12;
+- ``unetr``: Assumption: a warm-up of 50 of 800 epochs (``warmup_fraction`` = 0.0625), the authors'
+  UNETR code (``main.py``: AdamW lr 1e-4, weight decay 1e-5, linear warm-up then cosine; mask 16³ at
+  96³ and ratio 0.4 in ``init_train_test.sh``, as the paper's Fig. 4).
+
 Assumptions (the paper does not say; each is a config field):
 - masked voxels are set to ``mask_value`` = 0 (the normalized intensity nnU-Net pads with; the paper
   only says "random masking"); an exact share of the grid patches is masked (MAE-style);
 - a level with more depth positions than slabs is averaged over the positions of each slab (the
   paper's UNETR has depth D / 16 at every level, one position per slab);
-- ``order_levels`` = "all" is every level ``network.encoder`` returns. On ``unetr`` / ``unetr_pp`` that
-  list starts with the full-resolution conv block on the input (MONAI's encoder1) before the four
-  transformer levels, so "all" has one head more than Table VIII's t1..t4, which are
-  ``--set order_levels=-4,-3,-2,-1``;
 - ``slab_level`` = None: when the bottleneck keeps a single depth position (B = 1, e.g. a 32-deep crop
   of a network that downsamples depth 32-fold), B is taken from the deepest level that keeps >= 2,
-  and the levels below it (which cannot tell slabs apart) are left out of the order loss, with a
-  warning; ``--set slab_level=-1`` insists on the bottleneck (and refuses such a crop);
-- schedule: the paper gives AdamW and lr 1e-4 only; weight decay 1e-5 and a linear warm-up then
-  cosine are UNETR's fine-tuning recipe (nnsslTrainer_UNETR), the warm-up ``warmup_fraction`` = 5 %
-  of the run (as hybrid_mim); ``iterations`` = 50k (UNETR++'s 200 step-1 epochs of 250 nnU-Net
-  iterations), batch 2 (UNETR++, Table V), no gradient clipping.
+  and the chosen levels below it (which cannot tell slabs apart) are left out of the order loss,
+  with a warning; ``--set slab_level=-1`` insists on the bottleneck (and refuses such a crop);
+- schedule (all but ``unetr_pp``): the paper gives only lr 1e-4 (§IV-C, for UNETR++); AdamW, weight
+  decay 1e-5 and a linear warm-up then cosine are the authors' UNETR code (and UNETR's own recipe,
+  nnsslTrainer_UNETR), the warm-up ``warmup_fraction`` = 5 % of the run (as hybrid_mim);
+  ``iterations`` = 50k (UNETR++'s 200 step-1 epochs of 250 nnU-Net iterations), batch 2 (UNETR++,
+  Table V), no gradient clipping.
 """
 import dataclasses
 import warnings
@@ -50,7 +66,7 @@ from torch import nn
 
 from nnssl.architectures.spec import probe_level_shapes
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.transforms.slab_shuffle import shuffle_and_mask
 
 
@@ -62,9 +78,11 @@ class OrderReconstructionConfig:
     mask_ratio: float = 0.4  # Fig. 4(a)
     mask_patch_size: Tuple[int, int, int] = (16, 16, 16)  # Fig. 4(b), for reference_crop; scaled per axis
     reference_crop: Tuple[int, int, int] = (96, 96, 96)
+    mask_patch_scaling: bool = True  # false: mask_patch_size as it is, at any crop (UNETR++: 4³, Assumption)
     mask_value: float = 0.0  # Assumption: see the module docstring
-    # order prediction: "all" (Table VIII: all levels best) or encoder level indices, 0 = highest
-    # resolution, negative from the bottleneck (Table VIII's "t4" alone is --set order_levels=-1)
+    # order prediction: "all" (one head per encoder level) or encoder level indices, 0 = highest
+    # resolution, negative from the bottleneck (Table VIII's "t4" alone is --set order_levels=-1);
+    # unetr / unetr_pp default to their transformer levels t1..t4 (Table VIII's best), see default_config
     order_levels: str = "all"
     # Assumption (fallback): level whose depth is B; None = the bottleneck, or the deepest level with
     # depth >= 2 when the bottleneck has depth 1 (see the module docstring)
@@ -78,7 +96,7 @@ class OrderReconstructionConfig:
     # fine-tuning hand-over: the whole network (only the output conv differs)
     transfer: str = "encoder+decoder"
     grad_clip: Optional[float] = None  # Assumption: the paper names no clipping
-    # pretraining schedule: the paper gives AdamW, lr 1e-4; the rest is an Assumption (module docstring)
+    # pretraining schedule: the paper gives lr 1e-4 only; the rest is an Assumption (module docstring)
     optimizer: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-5
@@ -87,6 +105,8 @@ class OrderReconstructionConfig:
     warmup_fraction: float = 0.05
     warmup_iterations: Optional[int] = None  # absolute warm-up; None = warmup_fraction of the run
     batch_size: int = 2
+    # which backbone's defaults default_config applied ("generic", "unetr", "unetr_pp"); a record, not a switch
+    backbone_defaults: str = "generic"
 
     def __post_init__(self):
         for name in ("mask_patch_size", "reference_crop"):
@@ -102,6 +122,19 @@ class OrderReconstructionConfig:
                 raise NnsslError(f"order_reconstruction: {msg}; fix it with --set key=value.")
         parse_levels(self.order_levels)
         check_common_fields("order_reconstruction", self)
+
+
+# Per-backbone defaults (module docstring, "Defaults per backbone"). Table VIII's best order heads are
+# the four transformer levels t1..t4, the last four levels of both encoders (the first is the conv block).
+TRANSFORMER_LEVELS = "-4,-3,-2,-1"
+BACKBONE_DEFAULTS: Dict[str, Dict[str, object]] = {
+    # Assumption: the authors' UNETR code, 50 warm-up epochs of 800
+    "unetr": {"order_levels": TRANSFORMER_LEVELS, "warmup_fraction": 50 / 800},
+    # Assumption: the authors' UNETR++ code (mask patch 4, SGD 0.99 Nesterov, poly, clip 12; nnU-Net v1's 3e-5)
+    "unetr_pp": {"order_levels": TRANSFORMER_LEVELS, "mask_patch_size": (4, 4, 4), "mask_patch_scaling": False,
+                 "optimizer": "sgd", "lr": 1e-4, "weight_decay": 3e-5, "lr_schedule": "poly",
+                 "warmup_fraction": 0.0, "grad_clip": 12.0},
+}
 
 
 def parse_levels(spec: str) -> Optional[List[int]]:
@@ -123,7 +156,8 @@ def slab_layout(depths: Sequence[int], crop_depth: int, slab_level: Optional[int
     """(B, levels): the slab count and the encoder levels (non-negative indices) that predict the order.
 
     depths: D_i of every encoder level (highest resolution first). B = the depth of the slab level
-    (``slab_level``, or None: the bottleneck, else the deepest level with depth >= 2). NnsslError when
+    (``slab_level``, or None: the bottleneck, else the deepest level with depth >= 2, and then the chosen
+    levels below that one are left out, as long as one chosen level remains). NnsslError when
     the crop depth does not split into B >= 2 slabs that line up with every chosen level's positions.
     """
     n = len(depths)
@@ -151,13 +185,16 @@ def slab_layout(depths: Sequence[int], crop_depth: int, slab_level: Optional[int
             f"twice it.")
     chosen = parse_levels(order_levels)
     if chosen is None:
-        levels = list(range(idx + 1))
+        levels = list(range(idx + 1))  # every level that can tell the slabs apart
     else:
         bad = [lv for lv in chosen if not -n <= lv < n]
         if bad:
             raise NnsslError(f"order_reconstruction: order_levels={order_levels!r} names levels {bad}, but the encoder "
                              f"has {n} (0..{n - 1} or -{n}..-1); fix it with --set order_levels=all.")
         levels = sorted({lv % n for lv in chosen})
+        if slab_level is None and any(lv <= idx for lv in levels):
+            # the fallback: the chosen levels below the slab level keep fewer than B positions and sit out
+            levels = [lv for lv in levels if lv <= idx]
     for lv in levels:
         if depths[lv] < b or depths[lv] % b:
             raise NnsslError(
@@ -227,6 +264,14 @@ class OrderReconstruction(SSLMethod):
         self.heads = nn.ModuleList([SlabOrderHead(shapes[lv][0], b) for lv in self.levels])
 
     @classmethod
+    def default_config(cls, architecture: str) -> OrderReconstructionConfig:
+        """The paper's defaults, with the per-backbone ones of :data:`BACKBONE_DEFAULTS` on ``unetr`` /
+        ``unetr_pp`` (module docstring, "Defaults per backbone")."""
+        if architecture not in BACKBONE_DEFAULTS:
+            return OrderReconstructionConfig()
+        return OrderReconstructionConfig(**BACKBONE_DEFAULTS[architecture], backbone_defaults=architecture)
+
+    @classmethod
     def network_output_channels(cls, cfg: OrderReconstructionConfig) -> int:
         # 1 only for configure()'s probe network, whose encoder shapes do not depend on it
         return cfg.input_channels or 1
@@ -245,11 +290,14 @@ class OrderReconstruction(SSLMethod):
             if given is not None and given != mine:
                 raise NnsslError(f"order_reconstruction: --set {name}={given}, but this network and data give {mine}; "
                                  f"{name} is derived from them, drop the --set.")
-        if cfg.slab_level is None and levels[-1] < len(depths) - 1 and parse_levels(cfg.order_levels) is None:
+        n = len(depths)
+        asked = parse_levels(cfg.order_levels)
+        left_out = sorted(set(range(n) if asked is None else {lv % n for lv in asked}) - set(levels))
+        if left_out:
             warnings.warn(f"order_reconstruction: the bottleneck keeps {depths[-1]} depth position(s) of the "
                           f"{crop_size[0]}-deep crop, so B = {b} slabs come from encoder level {levels[-1]} and levels "
-                          f"{list(range(levels[-1] + 1, len(depths)))} take no part in order prediction (the paper's "
-                          f"B = D / P_dm needs a crop depth of at least twice the encoder's depth downsampling).")
+                          f"{left_out} take no part in order prediction (the paper's B = D / P_dm needs a crop depth "
+                          f"of at least twice the encoder's depth downsampling).")
         return dataclasses.replace(cfg, num_slabs=b, input_channels=int(num_input_channels))
 
     @classmethod
@@ -299,12 +347,13 @@ class OrderReconstruction(SSLMethod):
         out = network.decoder(features)
         if isinstance(out, (list, tuple)):
             out = out[0]
-        rec = F.mse_loss(out.float(), batch["target"].float())
+        all_logits = [head(features[lv]) for lv, head in zip(self.levels, self.heads)]  # each [N, B, B]
         order = batch["order"].long()
-        cls = out.new_zeros((), dtype=torch.float32)
-        for lv, head in zip(self.levels, self.heads):
-            logits = head(features[lv]).float()  # [N, B, B]
-            cls = cls + F.cross_entropy(logits.flatten(0, 1), order.flatten(), reduction="sum")
-        cls = cls / order.shape[0]
-        loss = self.cfg.weight_cls * cls + self.cfg.weight_rec * rec
+        with float32_loss(out):
+            rec = F.mse_loss(out.float(), batch["target"].float())
+            cls = out.new_zeros((), dtype=torch.float32)
+            for logits in all_logits:
+                cls = cls + F.cross_entropy(logits.float().flatten(0, 1), order.flatten(), reduction="sum")
+            cls = cls / order.shape[0]
+            loss = self.cfg.weight_cls * cls + self.cfg.weight_rec * rec
         return {"cls": cls, "rec": rec, "loss": loss}

@@ -13,7 +13,9 @@ three heads work on its bottleneck ``network.encoder(x)[-1]`` ([2B, C, d, h, w])
   loss 2 − 2·cos(prediction of view a, target projection of view b), symmetrized (summed over
   both directions, as BYOL).
 
-Loss = the three terms, weights 1. Only the encoder transfers. The EMA target is a submodule of
+Loss = L1(v1) + L1(v2) + CE(v1) + CE(v2) + BYOL(p(v1), z'(v2)) + BYOL(p(v2), z'(v1)) (weights 1): each term
+summed over the two views, as the authors' code (``SSLHarness.shared_step``; the paper names the three
+losses without weights), so the three tasks weigh alike. Only the encoder transfers. The EMA target is a submodule of
 the method, so it is in the method's ``state_dict`` and ``--c`` resumes it bit-exactly.
 
 Assumptions (each a config field):
@@ -53,7 +55,7 @@ from torch import nn
 
 from nnssl.architectures.spec import probe_level_shapes
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.transforms.rotation_cutout import (N_ROTATIONS, apply_cutouts, box_mask, draw_cutouts, draw_rotation,
                                               rotate)
 
@@ -193,17 +195,25 @@ class SwinPretext(SSLMethod):
         self._online = (network,)  # a tuple, so the online network is not registered as a submodule twice
 
     @classmethod
-    def crop_size(cls, cfg: SwinPretextConfig, planned_patch_size) -> Tuple[int, ...]:
-        """The planned patch, cut to a square in the rotation plane (90° rotations need it)."""
+    def crop_requirement(cls, cfg: SwinPretextConfig) -> str:
+        return f"equal sizes in the rotation plane (spatial axes {tuple(cfg.rotation_plane)}) for its 90-degree rotations"
+
+    @classmethod
+    def crop_joint_ok(cls, cfg: SwinPretextConfig, crop) -> bool:
+        a, b = cfg.rotation_plane
+        return len(crop) != 3 or crop[a] == crop[b]
+
+    @classmethod
+    def choose_crop(cls, cfg: SwinPretextConfig, planned_patch_size, rule=None):
+        """The largest crop that is square in the rotation plane (90° rotations need it): the planned patch
+        cut to the smaller in-plane side where the network takes that (``square_crop``)."""
         size = [int(p) for p in planned_patch_size]
         a, b = cfg.rotation_plane
-        if len(size) == 3 and size[a] != size[b]:
-            if not cfg.square_crop:
-                raise NnsslError(f"swin_pretext rotates by 90 degrees in spatial axes {cfg.rotation_plane}, which "
-                                 f"needs equal sizes there, but the planned patch is {tuple(size)}. Drop "
-                                 f"--set square_crop=false (crops are then cut to the smaller side).")
-            size[a] = size[b] = min(size[a], size[b])
-        return tuple(size)
+        if len(size) == 3 and size[a] != size[b] and not cfg.square_crop:
+            raise NnsslError(f"swin_pretext rotates by 90 degrees in spatial axes {cfg.rotation_plane}, which "
+                             f"needs equal sizes there, but the planned patch is {tuple(size)}. Drop "
+                             f"--set square_crop=false (crops are then cut to the smaller side).")
+        return super().choose_crop(cfg, planned_patch_size, rule)
 
     @classmethod
     def make_batch(cls, cfg: SwinPretextConfig, images: np.ndarray, rng: np.random.Generator,
@@ -242,19 +252,26 @@ class SwinPretext(SSLMethod):
         return bottleneck.mean(dim=(2, 3, 4)) if self.cfg.byol_pool else bottleneck.flatten(1)
 
     def forward_loss(self, network: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Returns {"recon", "rotation", "byol", "monitor_proj_std", "loss"} (monitor_proj_std is not trained)."""
+        """Returns {"recon", "rotation", "byol", "monitor_proj_std", "loss"} (monitor_proj_std is not trained);
+        recon, rotation and byol are each the sum over the two views (directions)."""
         views, cfg = batch["views"], self.cfg
         b = views.shape[0] // 2
         feats = network.encoder(views)[-1]  # [2B, C, d, h, w]
-        recon = F.l1_loss(self.recon_head(feats).float(), batch["target"].float())
-        rotation = F.cross_entropy(self.rotation_head(feats.mean(dim=(2, 3, 4))).float(), batch["rotations"])
+        recon_out, rotation_logits = self.recon_head(feats), self.rotation_head(feats.mean(dim=(2, 3, 4)))
         z = self.projector(self._projector_input(feats))
         p = self.predictor(z)
         with torch.no_grad():
             z_target = self.target_projector(self._projector_input(self.target_encoder(views)[-1]))
-        byol = byol_loss(p[:b], z_target[b:]) + byol_loss(p[b:], z_target[:b])
-        spread = F.normalize(z.detach().float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
-        loss = cfg.weight_recon * recon + cfg.weight_rotation * rotation + cfg.weight_byol * byol
+        with float32_loss(feats):
+            # Summed over the views, like BYOL's two directions (the authors' weighting, module docstring).
+            recon_out, target = recon_out.float(), batch["target"].float()
+            recon = F.l1_loss(recon_out[:b], target[:b]) + F.l1_loss(recon_out[b:], target[b:])
+            logits, k = rotation_logits.float(), batch["rotations"]
+            rotation = F.cross_entropy(logits[:b], k[:b]) + F.cross_entropy(logits[b:], k[b:])
+            p, z_target = p.float(), z_target.float()
+            byol = byol_loss(p[:b], z_target[b:]) + byol_loss(p[b:], z_target[:b])
+            spread = F.normalize(z.float().detach(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+            loss = cfg.weight_recon * recon + cfg.weight_rotation * rotation + cfg.weight_byol * byol
         return {"recon": recon, "rotation": rotation, "byol": byol, "monitor_proj_std": spread, "loss": loss}
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 
 from nnssl.errors import NnsslError
-from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields
+from nnssl.ssl.base import METHODS, SSLMethod, check_common_fields, float32_loss
 from nnssl.transforms.volume_fusion import draw_fusion_cases, fusion_with_inputs
 
 
@@ -176,8 +176,10 @@ class VolumeFusion(SSLMethod):
             out = out[0]
         target = batch["target"]
         mask = target != self.ignore  # [B, 1, D, H, W]
-        ce = F.cross_entropy(out, target[:, 0].long(), ignore_index=self.ignore, reduction="sum")
-        ce = ce / mask.sum().clamp(min=1)
-        dice = 1 + self.loss.dc(out, torch.where(mask, target, torch.zeros_like(target)), loss_mask=mask)
-        loss = self.loss.weight_ce * ce + self.loss.weight_dice * dice
+        with float32_loss(out):
+            out = out.float()
+            ce = F.cross_entropy(out, target[:, 0].long(), ignore_index=self.ignore, reduction="sum")
+            ce = ce / mask.sum().clamp(min=1)
+            dice = 1 + self.loss.dc(out, torch.where(mask, target, torch.zeros_like(target)), loss_mask=mask)
+            loss = self.loss.weight_ce * ce + self.loss.weight_dice * dice
         return {"ce": ce, "dice": dice, "loss": loss}

@@ -24,7 +24,7 @@ from nnssl import paths
 from nnssl.datasets import resolve
 from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
 
 OPTIONS_FILE = "nnssl_training_options.json"
 DEFAULT_ARCHITECTURE = "plainconvunet"
@@ -45,13 +45,20 @@ class RunOptions:
                              else saved.get(f.name) for f in fields(self)})
 
 
+FOLD_RANGE = ("Fold '{fold}': fold must be 0–4 or all (nnU-Net's 5-fold cross-validation; 'all' trains on every "
+              "case; a splits_final.json with more folds allows more).")
+
+
 def _fold(fold: Union[int, str]) -> Union[int, str]:
     if str(fold) == "all":
         return "all"
     try:
-        return int(fold)
+        value = int(fold)
     except ValueError:
-        raise NnsslError(f"Fold '{fold}' is not a number or 'all'; nnU-Net folds are 0-4 (or 'all').") from None
+        value = -1
+    if value < 0:
+        raise NnsslError(FOLD_RANGE.format(fold=fold))
+    return value
 
 
 def fold_folder(ds: str, trainer_name: str, plans_name: str, configuration: str, fold=None) -> str:
@@ -124,8 +131,18 @@ def _check_fold_possible(ds: str, plans: dict, configuration: str, fold) -> None
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     base = os.path.join(paths.preprocessed(), ds)
-    if fold == "all" or os.path.isfile(os.path.join(base, "splits_final.json")):
+    splits = os.path.join(base, "splits_final.json")
+    if fold == "all":
         return
+    if os.path.isfile(splits):
+        with open(splits, encoding="utf-8") as f:
+            n_folds = len(json.load(f))
+        if fold >= n_folds:  # nnU-Net would silently train on a random 80:20 split instead
+            raise NnsslError(f"Fold '{fold}': {splits} has {n_folds} fold(s), so fold must be 0–{n_folds - 1} "
+                             f"or all.")
+        return
+    if fold > 4:
+        raise NnsslError(FOLD_RANGE.format(fold=fold))
     data_dir = os.path.join(base, plans["configurations"][configuration]["data_identifier"])
     n = len(infer_dataset_class(data_dir).get_identifiers(data_dir))
     if n < 5:
@@ -212,6 +229,8 @@ def build_trainer(dataset, configuration: str = "3d_fullres", fold: Union[int, s
     plans_dict["continue_training"] = continue_training
     dataset_json = load_json(os.path.join(paths.preprocessed(), ds, "dataset.json"))
     tr = trainer_cls(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json, device=dev)
+    if tr.is_ddp and dev.type == "cpu":  # nnU-Net moves every DDP rank to CUDA; gloo ranks stay here (ddp.py)
+        tr.device, tr.grad_scaler = dev, None
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     set_cpu_precision(tr, cpu_precision)
@@ -240,6 +259,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
                        ("--val_iterations", val_iterations, 1), ("--warmup_epochs", warmup_epochs, 0),
                        ("--freeze_encoder_epochs", freeze_encoder_epochs, 0)):
         _positive(flag, v, m)
+    resolve_device(device)  # an unusable -device (e.g. mps without MPS) is refused first
     if continue_training and pretrained:
         raise NnsslError("--c continues a fine-tuning that already started from its own checkpoint; -pretrained "
                          "only applies to a fresh start. Drop one of the two.")
@@ -251,6 +271,7 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     # Checked before the trainer exists: constructing it creates the fold folder and a log file.
     ds, plans_name, trainer_name, _ = resolve_run(dataset, configuration, architecture, plans, trainer)
     probe = fold_folder(ds, trainer_name, plans_name, configuration, _fold(fold))
+    check_writable(probe, "The fold folder (under nnUNet_results)")
     if cpu_precision is not None:  # before the trainer exists (it creates the fold folder)
         from nnssl.training.trainer_lookup import find_trainer_class
         check_cpu_precision(cpu_precision, find_trainer_class(trainer_name))
@@ -261,6 +282,9 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
         resume_from = os.path.join(probe, "checkpoint_final.pth")
         if not os.path.isfile(resume_from):
             raise NnsslError(f"--val needs a finished training ({resume_from} is missing). Train first, without --val.")
+    elif os.path.isfile(os.path.join(probe, "checkpoint_final.pth")):
+        print(f"nnssl_train: fold {fold} is already trained; training it again from the start overwrites "
+              f"{os.path.join(probe, 'checkpoint_final.pth')} (as nnUNetv2_train does; --c continues it instead).")
 
     run = build_trainer(dataset, configuration, fold, architecture, trainer, plans, device,
                         continue_training=resume_from is not None)
@@ -275,6 +299,9 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
     if pretrained is not None:
         tr.initialize()
         report = inject_pretrained(tr, pretrained, allow_plans_mismatch=allow_plans_mismatch)
+        if tr.is_ddp:
+            from nnssl.training.same_start import verify_ranks_start_alike
+            verify_ranks_start_alike(tr, report)
         if hasattr(tr, "nnssl_on_pretrained"):  # e.g. per-group lrs of nnsslTrainer_Short
             tr.nnssl_on_pretrained(report)
     elif resume_from is not None:

@@ -25,6 +25,10 @@ under with the fine-tuning plans: a difference that changes what the network see
 normalization and its intensity statistics, ``transpose_forward``) is refused with the list of
 differences, unless ``allow_plans_mismatch`` (``nnssl_train --allow_plans_mismatch``) is set;
 harmless differences (plans name, patch size, ...) are reported in the log and in the JSON report.
+
+Last, the checkpoint's pretraining cases are compared with the fold's validation cases
+(:mod:`nnssl.training.pretraining_cases`): an overlap is printed as a leakage warning and recorded
+as ``pretraining_cases_in_validation``.
 """
 import os
 from collections import OrderedDict
@@ -34,11 +38,13 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from nnssl import paths
 from nnssl.checkpoints import (checkpoint_sha256, compare_plans, is_output_head, load_pretraining_checkpoint,
                                plans_facts, unwrap_network)
 from nnssl.errors import NnsslError
 from nnssl.io import write_json
 from nnssl.training.channel_adaptation import adapt_input_channels
+from nnssl.training.pretraining_cases import leakage_check, leakage_warning
 from nnssl.ssl.base import TRANSFERS
 REPORT_FILE = "nnssl_pretrained.json"
 
@@ -167,10 +173,46 @@ def check_plans(ckpt: dict, checkpoint_path: str, plans_manager, configuration: 
         raise NnsslError(
             f"Checkpoint {checkpoint_path} was pretrained on images preprocessed differently from the fine-tuning "
             f"plans '{plans_manager.plans_name}' ({configuration}): " + "; ".join(comparison.refused) + ". The "
-            f"pretrained weights would see other intensities or voxel sizes than they learned on. Fine-tune with "
-            f"the plans it was pretrained under (-p {ckpt['plans_name']}), or pass --allow_plans_mismatch to "
-            f"fine-tune anyway." + harmless)
+            f"pretrained weights would see other intensities or voxel sizes than they learned on. "
+            f"{_fitting_plans_hint(ckpt, checkpoint_path, plans_manager.dataset_name, configuration)}, or pass "
+            f"--allow_plans_mismatch to fine-tune anyway." + harmless)
     return comparison
+
+
+def check_leakage(trainer, ckpt: dict, checkpoint_path: str) -> dict:
+    """:func:`~nnssl.training.pretraining_cases.leakage_check` for the trainer's fold (nnU-Net's split);
+    a non-empty overlap is printed and logged as a warning."""
+    fold, dataset = trainer.fold, trainer.plans_manager.dataset_name
+    validation = [] if str(fold) == "all" else list(trainer.do_split()[1])
+    result = leakage_check(ckpt, checkpoint_path, dataset, fold, validation)
+    overlap = result["pretraining_cases_in_validation"]
+    if overlap:
+        warning = leakage_warning(overlap, len(validation), dataset, fold, ckpt["method"].get("name"))
+        trainer.print_to_log_file(warning)  # also on the console
+    else:
+        trainer.print_to_log_file(f"nnssl: pretraining cases in the validation cases: "
+                                  f"{'none' if overlap == [] else 'not checked'} ({result['pretraining_cases_check']})")
+    return result
+
+
+def _fitting_plans_hint(ckpt: dict, checkpoint_path: str, dataset: str, configuration: str) -> str:
+    """Name plans of ``dataset`` that preprocess like the checkpoint, or the command that writes them."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = os.path.join(paths.preprocessed(), dataset)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        try:
+            pm = PlansManager(os.path.join(folder, name))
+            fits = configuration in pm.available_configurations and not compare_plans(
+                ckpt, plans_facts(pm, configuration)).refused
+        except (OSError, KeyError, TypeError, ValueError, AttributeError, AssertionError):
+            continue  # dataset.json, the fingerprint, splits and other files that are no plans
+        if fits:
+            return f"Fine-tune with {dataset}'s plans that match it (-p {pm.plans_name})"
+    return (f"No plans of {dataset} match it: write some with `nnssl_plan_and_preprocess -d {dataset} --like "
+            f"{checkpoint_path}` and fine-tune with the -p it prints")
 
 
 def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool = False) -> InjectionReport:
@@ -208,6 +250,7 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
         trainer.print_to_log_file(f"nnssl: WARNING plans differ (allowed by --allow_plans_mismatch): {line}")
     for line in plans.harmless:
         trainer.print_to_log_file(f"nnssl: plans differ (harmless): {line}")
+    leakage = check_leakage(trainer, ckpt, checkpoint_path)
     write_json({
         "checkpoint": os.path.abspath(checkpoint_path),
         "sha256": checkpoint_sha256(checkpoint_path),
@@ -221,5 +264,6 @@ def inject_pretrained(trainer, checkpoint_path: str, allow_plans_mismatch: bool 
         "report": report.to_dict(),
         "input_channels_adapted": {"from": int(ckpt["input_channels"]), "to": int(trainer.num_input_channels),
                                    "tensors": adapted},
+        **leakage,
     }, os.path.join(trainer.output_folder, REPORT_FILE))
     return report

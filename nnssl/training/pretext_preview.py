@@ -20,7 +20,7 @@ def show_pretext(dataset, method: str, output_file: str, architecture: str = "pl
         raise NnsslError(f"-o {output_file}: the mosaic is a PNG; give a file name ending in .png.")
     s = prepare_method(prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size),
                        seed)
-    loader = PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, seed)
+    loader = PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, seed, identifiers=s.cases)
     images, meta, rng = loader.images(iteration)  # images: [B, C, D, H, W]
     panels = s.method_cls.preview_from_images(s.cfg, images, rng, meta=meta)
     path = os.path.abspath(output_file)

@@ -13,7 +13,7 @@ Crops are read directly from nnU-Net's blosc2 files (only the chunks the crop to
 decompressed) and padded with 0 where a volume is smaller than the crop, as nnU-Net's own
 loader does (0 is the normalized intensity nnU-Net pads with, so fine-tuning sees the same).
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,8 +75,10 @@ class PretrainLoader(DataLoader):
     """
 
     def __init__(self, folder: str, batch_size: int, crop_size: Sequence[int], method_cls, cfg, seed: int,
-                 rank: int = 0, start_iteration: int = 0, num_workers: int = 0):
-        dataset = nnUNetDatasetBlosc2(folder)
+                 rank: int = 0, start_iteration: int = 0, num_workers: int = 0,
+                 identifiers: Optional[Sequence[str]] = None):
+        # identifiers: the cases to draw from (default: every case in the folder), in this order
+        dataset = nnUNetDatasetBlosc2(folder, None if identifiers is None else list(identifiers))
         super().__init__(dataset, batch_size, max(1, num_workers), None, return_incomplete=False,
                          shuffle=False, infinite=True)
         self.identifiers = list(dataset.identifiers)

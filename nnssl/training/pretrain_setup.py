@@ -4,6 +4,9 @@ Command-line names -> the target dataset, the method and its config (``--set`` o
 parsed against the config dataclass's field types), the architecture's plans and
 configuration, the preprocessed pretraining data, crop and batch sizes, and the network built
 from the plans' ``architecture`` block (exactly as fine-tuning will build it).
+
+The crop is the method's choice inside the planned patch (:mod:`nnssl.ssl.crops`), given what
+the plans' network accepts (:func:`network_input_rule`).
 """
 import collections.abc
 import dataclasses
@@ -11,10 +14,10 @@ import json
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
+import numpy as np
 import torch.distributed as dist
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -25,7 +28,10 @@ from nnssl import datasets, paths
 from nnssl.architectures.spec import ARCHITECTURES, ArchitectureSpec
 from nnssl.errors import NnsslError
 from nnssl.ssl.base import METHODS, check_compatible
-from nnssl.planning.pretraining_data import INTASK, find_pretraining_data
+from nnssl.ssl.crops import CropChoice, InputRule
+from nnssl.planning.pretraining_data import (INTASK, TEST_CASE_PREFIX, find_pretraining_data, is_own_images,
+                                             pretraining_cases)
+from nnssl.training.pretraining_cases import fold_training_cases
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -94,6 +100,10 @@ class PretrainSetup:
     data_folder: str
     crop_size: Tuple[int, ...]
     batch_size: int  # per process
+    crop_choice: CropChoice  # the crop, the planned patch and why they differ
+    cases: Tuple[str, ...]  # sorted identifiers pretrained on (all of the data, or fold K's training cases)
+    fold: Optional[int]  # -pd intask --fold K
+    includes_test_images: bool  # the cases include the target's imagesTs (--intask_include_test)
 
     def build_network(self):
         """The segmentation network from the plans (no deep supervision), outputs as the method asks."""
@@ -104,11 +114,32 @@ class PretrainSetup:
                                       deep_supervision=False)
 
 
+def network_input_rule(arch: ArchitectureSpec, pm: PlansManager, cm: ConfigurationManager,
+                       input_channels: int) -> InputRule:
+    """The input sizes the plans' network accepts. Networks sized for the planned patch (``img_size`` in
+    the arch_kwargs: UNETR, UNETR++): that patch only. nnU-Net's U-Nets: multiples of the product of their
+    pooling strides. nnssl's architectures: their planner's ``patch_divisor`` and smallest patch at the
+    plans' spacing (with the plans' size preset)."""
+    kwargs = cm.network_arch_init_kwargs
+    planned = tuple(int(p) for p in cm.patch_size)
+    if "img_size" in kwargs:
+        return InputRule(planned, planned, fixed=True)
+    if "strides" in kwargs:
+        per_stage = np.array([np.broadcast_to(np.asarray(s, dtype=np.int64), (len(planned),))
+                              for s in kwargs["strides"]])
+        divisor = tuple(int(d) for d in per_stage.prod(axis=0))
+        return InputRule(divisor, divisor)
+    planner = arch.planner_class().without_dataset(input_channels, preset=pm.plans.get("nnssl_preset"))
+    spacing = tuple(float(s) for s in cm.spacing)
+    return InputRule(tuple(int(d) for d in planner.patch_divisor(spacing)), planner.smallest_patch(spacing))
+
+
 def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraining_data: str = "intask",
             configuration: str = "3d_fullres", overrides: Sequence[str] = (), batch_size=None,
-            world_size: int = 1) -> PretrainSetup:
+            world_size: int = 1, fold: Optional[int] = None) -> PretrainSetup:
     """Resolve names and files; NnsslError (with the fix) for anything missing or inconsistent,
-    starting with a method the architecture cannot run (:func:`nnssl.ssl.base.check_compatible`)."""
+    starting with a method the architecture cannot run (:func:`nnssl.ssl.base.check_compatible`).
+    ``fold``: pretrain on fold ``fold``'s training cases of the in-task data only."""
     paths.ensure_paths()
     method_cls = METHODS.get(method)
     arch = ARCHITECTURES.get(architecture)
@@ -127,7 +158,7 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
     with open(os.path.join(paths.preprocessed(), target, "dataset.json"), encoding="utf-8") as f:
         input_channels = determine_num_input_channels(pm, cm, json.load(f))
 
-    cfg = apply_overrides(method_cls.config_class(), overrides)
+    cfg = apply_overrides(method_cls.default_config(architecture), overrides)
     has_bs = "batch_size" in {f.name for f in dataclasses.fields(cfg)}
     global_bs = int(batch_size if batch_size is not None else (cfg.batch_size if has_bs else cm.batch_size))
     if has_bs:
@@ -144,10 +175,17 @@ def prepare(dataset, method: str, architecture: str = "plainconvunet", pretraini
             f"of the same batch). Pass --batch_size {method_cls.min_batch_size * world_size} or more.")
 
     source = INTASK if pretraining_data == INTASK else datasets.resolve(pretraining_data)
+    if fold is not None and source != INTASK:
+        raise NnsslError(f"--fold {fold} selects fold {fold}'s training cases of {target}'s own images: it needs "
+                         f"-pd intask (the default), not -pd {pretraining_data}.")
     folder = find_pretraining_data(target, source, cm.data_identifier, architecture)
-    crop = tuple(int(c) for c in method_cls.crop_size(cfg, cm.patch_size))
+    cases = pretraining_cases(folder)
+    if fold is not None:
+        cases = fold_training_cases(target, cm.data_identifier, fold, cases)
+    choice = method_cls.choose_crop(cfg, cm.patch_size, network_input_rule(arch, pm, cm, int(input_channels)))
     return PretrainSetup(target, method, method_cls, cfg, arch, pm, configuration, cm, int(input_channels),
-                         source, folder, crop, per_process)
+                         source, folder, choice.crop, per_process, choice, tuple(cases), fold,
+                         any(c.startswith(TEST_CASE_PREFIX) for c in cases) and is_own_images(target, source))
 
 
 def prepare_method(setup: PretrainSetup, seed: int, distributed: bool = False) -> PretrainSetup:
@@ -155,7 +193,7 @@ def prepare_method(setup: PretrainSetup, seed: int, distributed: bool = False) -
     (e.g. order_reconstruction's slab count) and keep the config they return. Under DDP rank 0 goes
     first and tells the others whether it succeeded (so a failure stops every rank instead of leaving
     them waiting); they then find its cached result."""
-    identifiers = sorted(nnUNetDatasetBlosc2.get_identifiers(setup.data_folder))
+    identifiers = list(setup.cases)
 
     def run():
         cfg = setup.method_cls.prepare(setup.cfg, setup.data_folder, identifiers, int(seed))

@@ -3,20 +3,29 @@
 Per step: the loader's batch for iteration ``it`` (see ``pretrain_data``), lr from the schedule
 (a pure function of ``it``), ``torch.manual_seed`` from (seed, rank, it) so dropout is
 reproducible after a resume, ``method.forward_loss``, backward of ``losses["loss"]``, gradient
-clipping, optimizer step. AMP (fp16 autocast + GradScaler) and ``torch.compile`` on CUDA only.
+clipping, optimizer step. AMP (fp16 autocast + GradScaler) and ``torch.compile`` on CUDA only;
+on the CPU ``--cpu_precision`` (as in ``nnssl_train``; "auto": bf16 autocast where the CPU has
+native bf16) runs ``forward_loss`` under bf16 autocast. Either way only the network and the
+heads run in low precision: every method computes its loss terms in float32 outside autocast
+(``nnssl.ssl.base.float32_loss``). The precision is saved with the run (``config.json``, the
+resume state) and ``--c`` continues in it (an explicit different ``--cpu_precision`` is refused).
 ``checkpoint_latest.pth`` is written every epoch (every ``iterations_per_epoch`` iterations and
 at the end), ``checkpoint_final.pth`` at the end; ``--c`` resumes bit-exactly on CPU.
 
 DDP: under ``torchrun`` (WORLD_SIZE > 1) every process trains on its own data (its rank is in
 the batch rng key); the batch size is global and each process gets ``batch_size / world_size``
 samples; rank 0 writes checkpoints and logs; at the end the ranks check that their weights agree.
+
+Tracking (W&B through nnU-Net's ``nnUNet_wandb_enabled``, TensorBoard): see ``loggers.py``.
 """
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
 from collections import defaultdict
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,14 +33,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from nnssl import paths
+from nnssl import locks, paths
 from nnssl.checkpoints import (checkpoint_metadata, load_resume_checkpoint, publish_final, restore_network,
                                save_pretraining_checkpoint, split_network_state, to_plain, weights_sha256)
-from nnssl.devices import resolve_device
+from nnssl.devices import cpu_autocast_dtype, resolve_device
 from nnssl.errors import NnsslError
-from nnssl.io import write_json
+from nnssl.io import check_writable, write_json
+from nnssl.training.loggers import Trackers, wanted
 from nnssl.training.pretrain_data import PretrainLoader, batch_from_item, make_loader, map_tensors, shutdown
 from nnssl.training.pretrain_setup import PretrainSetup, prepare, prepare_method
+from nnssl.training.pretraining_cases import case_record
 from nnssl.training.progress import ProgressLog
 from nnssl.training.schedules import schedule_from_config
 
@@ -41,11 +52,22 @@ DEFAULT_ITERATIONS = 100_000
 DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 1e-4, 1e-5  # AdamW defaults when a method sets no optimizer fields
 DEFAULT_GRAD_CLIP = 12.0  # nnU-Net's max gradient norm
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
+# What the forward pass runs in: the saved name of each autocast dtype (None: float32 throughout).
+PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16_amp"}
+
+
+def changed_keys(saved, now, key: str) -> List[str]:
+    """``"key.sub: checkpoint X, now Y"`` for each leaf that differs (not two whole config dicts)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in changed_keys(saved.get(k, "(absent)"), now.get(k, "(absent)"), f"{key}.{k}")]
+    return [] if saved == now else [f"{key}: checkpoint {saved!r}, now {now!r}"]
 
 
 def output_folder_for(setup: PretrainSetup) -> str:
+    fold = "" if setup.fold is None else f"__fold{setup.fold}"
     return os.path.join(paths.results(), setup.target, f"nnsslPretrain__{setup.method_name}__{setup.arch.name}__"
-                        f"{setup.plans_manager.plans_name}__{setup.configuration}")
+                        f"{setup.plans_manager.plans_name}__{setup.configuration}{fold}")
 
 
 def step_seed(seed: int, rank: int, iteration: int) -> int:
@@ -83,8 +105,11 @@ class Pretrainer:
 
     def __init__(self, setup: PretrainSetup, output_folder: str, total_iterations: int, iterations_per_epoch: int,
                  device: torch.device, seed: int, num_workers: int, compile_network: bool,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, cpu_precision: Optional[str] = None,
+                 trackers: Sequence[str] = (), show_progress: bool = True):
         self.s, self.folder = setup, output_folder
+        self.tracker_names, self.show_progress = list(trackers), show_progress
+        self.trackers = Trackers([], output_folder, {}, resume=False)  # opened in run()
         self.total, self.ipe = int(total_iterations), int(iterations_per_epoch)
         self.device, self.seed, self.num_workers = device, int(seed), int(num_workers)
         self.rank, self.world = rank, world_size
@@ -99,6 +124,9 @@ class Pretrainer:
         self.schedule = schedule_from_config(setup.cfg, self.total, DEFAULT_LR)
         self.amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # None: "auto" for a new run, the saved precision for a resumed one (see load)
+        self.cpu_precision_given = cpu_precision is not None
+        self.autocast_dtype = torch.float16 if self.amp else cpu_autocast_dtype(cpu_precision or "auto", device)
         clip = getattr(setup.cfg, "grad_clip", DEFAULT_GRAD_CLIP)
         self.grad_clip = float(clip) if clip else None
         self.train_model = self.model
@@ -116,14 +144,19 @@ class Pretrainer:
     # --- checkpoints ---
     def metadata(self) -> dict:
         s = self.s
-        return checkpoint_metadata(
+        return {**checkpoint_metadata(
             architecture_name=s.arch.name, plans_manager=s.plans_manager, configuration_name=s.configuration,
             input_channels=s.input_channels, method_name=s.method_name, method_config=s.cfg,
             transfer=getattr(s.cfg, "transfer", s.method_cls.transfer), pretraining_data=s.source, dataset=s.target,
-            iteration=self.iteration, seed=self.seed)
+            iteration=self.iteration, seed=self.seed), **case_record(s.cases)}
+
+    @property
+    def precision(self) -> str:
+        return PRECISIONS[self.autocast_dtype]
 
     def save(self, name: str) -> None:
-        resume = {"optimizer": self.optimizer.state_dict(), "method_state": self.method.state_dict(),
+        resume = {"precision": self.precision, "optimizer": self.optimizer.state_dict(),
+                  "method_state": self.method.state_dict(),
                   "grad_scaler": self.scaler.state_dict(), "loss_history": self.history,
                   "schedule": self.schedule.to_dict()}
         save_pretraining_checkpoint(os.path.join(self.folder, name), self.network, self.metadata(), resume)
@@ -134,13 +167,16 @@ class Pretrainer:
         # --iterations may grow on --c (it is mirrored in a method's `iterations` field, if any)
         for meta in (ckpt, mine):
             meta["method"]["config"].pop("iterations", None)
-        diffs = [f"{k}: checkpoint {ckpt[k]!r}, now {mine[k]!r}" for k in
-                 ("architecture", "plans_name", "configuration", "input_channels", "method", "pretraining_data",
-                  "seed") if to_plain(ckpt[k]) != mine[k]]
+        diffs = [d for k in ("architecture", "plans_name", "configuration", "input_channels", "method",
+                             "pretraining_data", "seed") for d in changed_keys(to_plain(ckpt[k]), mine[k], k)]
+        if ckpt.get("pretraining_cases_sha256", mine["pretraining_cases_sha256"]) != mine["pretraining_cases_sha256"]:
+            diffs.append(f"pretraining cases: checkpoint {ckpt.get('pretraining_cases_count')}, now "
+                         f"{mine['pretraining_cases_count']} (another --fold or changed pretraining data)")
         if diffs:
             raise NnsslError(f"--c continues the run in {self.folder} with its saved settings, but these differ: "
                              + "; ".join(diffs) + ". Drop the changed flags (--set, --batch_size, --seed, -pd), "
                              "or start a new run with -o NEW_FOLDER.")
+        self._continue_precision(ckpt["resume"])
         restore_network(self.network, ckpt)
         self.method.load_state_dict(ckpt["resume"]["method_state"])
         self.optimizer.load_state_dict(ckpt["resume"]["optimizer"])
@@ -154,6 +190,21 @@ class Pretrainer:
             self.log.log(f"Note: the lr schedule now spans {self.total} iterations instead of "
                          f"{saved.get('total_iterations')}; the steps from {self.iteration} on follow the new curve.")
 
+    def _continue_precision(self, resume: dict) -> None:
+        """Keep the run in the precision it was started in: adopt it on the CPU when --cpu_precision
+        was not given, refuse a different one otherwise."""
+        # Checkpoints from before the precision was saved: fp16 AMP left a GradScaler state, fp32 none.
+        saved = resume.get("precision") or ("fp16_amp" if resume.get("grad_scaler") else "fp32")
+        if saved == self.precision:
+            return
+        if self.device.type == "cpu" and not self.cpu_precision_given and saved in ("fp32", "bf16"):
+            self.autocast_dtype = cpu_autocast_dtype(saved, self.device)
+            return
+        fix = (f"-device cpu --cpu_precision {saved}" if saved != "fp16_amp" else "-device cuda (fp16 AMP)")
+        raise NnsslError(f"--c continues the run in {self.folder}, which was trained in {saved}, but this run would "
+                         f"train in {self.precision}; mixing precisions in one run is refused. Continue with {fix}, "
+                         f"or start a new run with -o NEW_FOLDER.")
+
     def write_config(self, world_size: int, num_workers: int) -> None:
         """``config.json``: the final method config and everything the run was started with."""
         if not self.is_main:
@@ -162,10 +213,13 @@ class Pretrainer:
         write_json({"dataset": s.target, "method": s.method_name, "config": to_plain(s.cfg),
                     "architecture": s.arch.name, "plans": s.plans_manager.plans_name,
                     "configuration": s.configuration, "pretraining_data": s.source,
-                    "pretraining_data_folder": s.data_folder, "crop_size": list(s.crop_size),
+                    "pretraining_data_folder": s.data_folder, **s.crop_choice.record(), "pretraining_fold": s.fold,
+                    "pretraining_includes_test_images": s.includes_test_images, **case_record(s.cases),
+                    "pretraining_cases": list(s.cases),
                     "batch_size_per_process": s.batch_size, "world_size": world_size, "seed": self.seed,
                     "iterations": self.total, "iterations_per_epoch": self.ipe, "device": str(self.device),
-                    "num_workers": int(num_workers), "amp": self.amp, "optimizer": type(self.optimizer).__name__,
+                    "num_workers": int(num_workers), "amp": self.amp, "precision": self.precision,
+                    "optimizer": type(self.optimizer).__name__,
                     "lr_schedule": self.schedule.to_dict()}, os.path.join(self.folder, "config.json"))
 
     # --- training ---
@@ -175,7 +229,7 @@ class Pretrainer:
             group["lr"] = lr
         torch.manual_seed(step_seed(self.seed, self.rank, it))
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             losses = self.train_model(batch)
         names = sorted(k for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1)
         vec = torch.stack([losses[k].detach().float().reshape(()) for k in names])
@@ -208,14 +262,20 @@ class Pretrainer:
         if self.compile_ignored:
             self.log.log("--compile is ignored on CPU (torch.compile is only used on CUDA).")
         loader = make_loader(PretrainLoader(s.data_folder, s.batch_size, s.crop_size, s.method_cls, s.cfg, self.seed,
-                                            self.rank, self.iteration, self.num_workers),
+                                            self.rank, self.iteration, self.num_workers, s.cases),
                              self.num_workers)
         self.model.train()
+        config = {}
+        if self.is_main:
+            with open(os.path.join(self.folder, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        self.trackers = Trackers(self.tracker_names, self.folder, config, self.iteration > 0, self.is_main)
         try:
             while self.iteration < self.total:
                 self._epoch(loader)
         finally:
             shutdown(loader)
+            self.trackers.close()
         if self.is_main:  # the last epoch just wrote checkpoint_latest at this very iteration
             publish_final(os.path.join(self.folder, LATEST), os.path.join(self.folder, FINAL))
         if self.world > 1:
@@ -226,10 +286,12 @@ class Pretrainer:
         epoch = self.iteration // self.ipe
         end = min((epoch + 1) * self.ipe, self.total)
         first, start_time, wait, sums, lr = self.iteration, time.perf_counter(), 0.0, defaultdict(float), 0.0
-        for it in tqdm(range(first, end), desc=f"epoch {epoch}", disable=not self.is_main, leave=False):
+        for it in tqdm(range(first, end), desc=f"epoch {epoch}", disable=not (self.is_main and self.show_progress),
+                       leave=False):
             t0 = time.perf_counter()
             item = next(loader)  # the time blocked here is the data wait
-            wait += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            wait += waited
             if item["iteration"] != it:
                 raise RuntimeError(f"loader returned batch {item['iteration']} for iteration {it}")
             batch = map_tensors(batch_from_item(item), lambda x: x.to(self.device, non_blocking=True))
@@ -239,11 +301,13 @@ class Pretrainer:
             for k, v in values.items():
                 sums[k] += v
             lr, self.iteration = self.schedule.lr(it), it + 1
+            self.trackers.iteration(it, values, lr, waited)
         n = end - first
         elapsed = time.perf_counter() - start_time
         record = {"epoch": epoch, "iteration": self.iteration, "lr": lr, "epoch_time": elapsed, "data_wait": wait,
                   "data_wait_fraction": wait / max(elapsed, 1e-12), "losses": {k: v / n for k, v in sums.items()}}
         self.history.append(record)
+        self.trackers.epoch(end - 1, elapsed, record["data_wait_fraction"])
         self.log.epoch(record, self.history, final=self.iteration >= self.total, schedule=self.schedule)
         for message in self.method.epoch_messages(record):  # e.g. a collapse warning
             self.log.log(message)
@@ -266,8 +330,16 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
              configuration: str = "3d_fullres", iterations: Optional[int] = None, iterations_per_epoch: int = 250,
              batch_size: Optional[int] = None, device: Optional[str] = None, resume: bool = False, seed: int = 0,
              overrides: Sequence[str] = (), num_workers: Optional[int] = None, compile_network: bool = False,
-             output_folder: Optional[str] = None) -> str:
+             output_folder: Optional[str] = None, fold: Optional[int] = None,
+             cpu_precision: Optional[str] = None, tensorboard: bool = False, show_progress: bool = True) -> str:
     """Run (or with ``resume`` continue) a pretraining; returns the output folder.
+
+    ``fold``: in-task pretraining on fold ``fold``'s training cases only (``nnssl_pretrain --fold``;
+    output folder ``...__fold<K>``), so fine-tuning that fold validates on unseen cases.
+    ``cpu_precision`` ("auto" | "fp32" | "bf16", ``--cpu_precision``): the CPU's autocast dtype
+    (:func:`nnssl.devices.cpu_autocast_dtype`); None: "auto" for a new run, the saved one with ``resume``.
+    ``tensorboard``: also log to TensorBoard (W&B and TensorBoard switches: ``loggers.py``);
+    ``show_progress=False``: no progress bars.
 
     The engine seeds torch's global generator (initialization, per-step dropout seeds); the caller's
     generator state (CPU and CUDA) is restored on return, so calling this from Python leaves the
@@ -276,18 +348,25 @@ def pretrain(dataset, method: str, architecture: str = "plainconvunet", pretrain
     with torch.random.fork_rng(devices=cuda_devices):
         return _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations,
                          iterations_per_epoch, batch_size, device, resume, seed, overrides, num_workers,
-                         compile_network, output_folder)
+                         compile_network, output_folder, fold, cpu_precision, tensorboard, show_progress)
 
 
 def _pretrain(dataset, method, architecture, pretraining_data, configuration, iterations, iterations_per_epoch,
-              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder) -> str:
+              batch_size, device, resume, seed, overrides, num_workers, compile_network, output_folder, fold,
+              cpu_precision, tensorboard, show_progress) -> str:
+    if cpu_precision is not None:
+        cpu_autocast_dtype(cpu_precision, torch.device("cpu"))  # an unknown value is refused before any work
+    trackers = wanted(tensorboard)  # a switched-on tracker that is not installed is refused before anything runs
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        setup = prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size, world)
+    try:  # where the output folder will be (-o, else under nnUNet_results), before any slow work
+        check_writable(output_folder or paths.results(), "The pretraining output folder (-o, default: under "
+                                                         "nnUNet_results)")
+        setup = prepare(dataset, method, architecture, pretraining_data, configuration, overrides, batch_size, world,
+                        fold)
         total = int(iterations if iterations is not None else getattr(setup.cfg, "iterations", DEFAULT_ITERATIONS))
         if total < 1 or iterations_per_epoch < 1:
             raise NnsslError(f"--iterations ({total}) and --iterations_per_epoch ({iterations_per_epoch}) must be "
@@ -300,39 +379,62 @@ def _pretrain(dataset, method, architecture, pretraining_data, configuration, it
             from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
             num_workers = get_allowed_n_proc_DA()
         folder = os.path.abspath(output_folder or output_folder_for(setup))
-        existing = [p for p in (os.path.join(folder, LATEST), os.path.join(folder, FINAL)) if os.path.isfile(p)]
-        if resume and not existing:
-            raise NnsslError(f"--c was given but {folder} has no {LATEST} or {FINAL} to resume from; "
-                             f"run without --c to start a new pretraining.")
-        if not resume and existing:
-            raise NnsslError(f"{folder} already holds a pretraining ({os.path.basename(existing[0])}). Pass --c to "
-                             f"continue it (with a larger --iterations to train longer), or remove the folder "
-                             f"(or choose another with -o) to start over. Nothing was overwritten.")
-        # built before the folder exists: a bad optimizer/schedule setting leaves nothing behind
-        trainer = Pretrainer(setup, folder, total, iterations_per_epoch, dev, seed, num_workers, compile_network,
-                             rank, world)
-        if world > 1:  # nobody writes before every rank has checked the folder
-            dist.barrier()
-        os.makedirs(folder, exist_ok=True)
-        if resume:
-            trainer.load(existing[0])
-        trainer.write_config(world, num_workers)
-        if trainer.iteration >= total:
-            trainer.log.log(f"Already trained {trainer.iteration} of {total} iterations; pass a larger --iterations "
-                            f"with --c to train longer.")
-            if trainer.is_main and not os.path.isfile(os.path.join(folder, FINAL)):
-                trainer.save(FINAL)
-            return folder
-        n_params = sum(p.numel() for p in trainer.params)
-        trainer.log.log(f"Pretraining {setup.method_name} on {setup.arch.name} ({n_params} trained parameters), "
-                        f"data {setup.source} ({setup.data_folder}), crop {list(setup.crop_size)}, batch "
-                        f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
-                        f"{num_workers} data workers, config {to_plain(setup.cfg)}")
-        trainer.log.log(trainer.schedule.describe())
-        clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
-        trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")
-        trainer.run()
-        return folder
+        check_writable(folder, "The pretraining output folder")
+        # rank 0 speaks for the run (under torchrun, a refused rank 0 stops the other ranks too)
+        with locks.exclusive(folder, f"The pretraining folder {folder}") if rank == 0 else contextlib.nullcontext():
+            return _train_in(folder, setup, resume, total, iterations_per_epoch, dev, seed, num_workers,
+                             compile_network, rank, world, cpu_precision, trackers,
+                             show_progress)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train_in(folder: str, setup: PretrainSetup, resume: bool, total: int, iterations_per_epoch: int, dev, seed: int,
+              num_workers: int, compile_network: bool, rank: int, world: int, cpu_precision: Optional[str],
+              trackers: Sequence[str] = (), show_progress: bool = True) -> str:
+    """Train (or resume) in ``folder``, which this run holds the lock of."""
+    existing = [p for p in (os.path.join(folder, LATEST), os.path.join(folder, FINAL)) if os.path.isfile(p)]
+    if resume and not existing:
+        raise NnsslError(f"--c was given but {folder} has no {LATEST} or {FINAL} to resume from; "
+                         f"run without --c to start a new pretraining.")
+    if not resume and existing:
+        raise NnsslError(f"{folder} already holds a pretraining ({os.path.basename(existing[0])}). Pass --c to "
+                         f"continue it (with a larger --iterations to train longer), or remove the folder "
+                         f"(or choose another with -o) to start over. Nothing was overwritten.")
+    # built before anything is written: a bad optimizer/schedule setting leaves nothing behind (the folder
+    # made for the lock alone is removed again)
+    trainer = Pretrainer(setup, folder, total, iterations_per_epoch, dev, seed, num_workers, compile_network,
+                         rank, world, cpu_precision, trackers, show_progress)
+    if world > 1:  # nobody writes before every rank has checked the folder
+        dist.barrier()
+    os.makedirs(folder, exist_ok=True)
+    if resume:
+        trainer.load(existing[0])
+    trainer.write_config(world, num_workers)
+    if trainer.iteration >= total:
+        trainer.log.log(f"Already trained {trainer.iteration} of {total} iterations; pass a larger --iterations "
+                        f"with --c to train longer.")
+        if trainer.is_main and not os.path.isfile(os.path.join(folder, FINAL)):
+            trainer.save(FINAL)
+        return folder
+    n_params = sum(p.numel() for p in trainer.params)
+    trainer.log.log(f"Pretraining {setup.method_name} on {setup.arch.name} ({n_params} trained parameters), "
+                    f"data {setup.source} ({setup.data_folder}), crop {list(setup.crop_size)}, batch "
+                    f"{setup.batch_size} x {world} process(es), {total} iterations, device {dev}, "
+                    f"{num_workers} data workers, config {to_plain(setup.cfg)}")
+    trainer.log.log(setup.crop_choice.describe())
+    fold_note = "" if setup.fold is None else f" (fold {setup.fold}'s training cases)"
+    trainer.log.log(f"Pretraining cases: {len(setup.cases)}{fold_note}, sha256 "
+                    f"{trainer.metadata()['pretraining_cases_sha256'][:16]}... (the list is in config.json)")
+    if setup.includes_test_images:
+        trainer.log.log(f"WARNING: the pretraining data holds {setup.target}'s imagesTs (--intask_include_test): "
+                        f"test results on them are not independent of this pretraining.")
+    trainer.log.log(trainer.schedule.describe())
+    if trainer.precision == "bf16":
+        trainer.log.log("CPU mixed precision: the network and heads run under bf16 autocast, every loss in "
+                        "float32 (--cpu_precision fp32 turns it off).")
+    clip = f"on, max gradient norm {trainer.grad_clip:g}" if trainer.grad_clip else "off"
+    trainer.log.log(f"Gradient clipping {clip} (config field grad_clip; --set grad_clip=VALUE, or none for off).")
+    trainer.run()
+    return folder

@@ -88,7 +88,8 @@ def shuffle_and_mask(images: np.ndarray, rng: np.random.Generator, num_slabs: in
     """The whole transformation module for a batch, one permutation and one mask per sample.
 
     images: [N, C, D, H, W] float32; cfg: any object with ``mask_ratio``, ``mask_patch_size``,
-    ``reference_crop``, ``mask_value`` (see OrderReconstructionConfig). Draws, per sample, the
+    ``reference_crop``, ``mask_value`` and optionally ``mask_patch_scaling`` (default true: the patch is
+    scaled from ``reference_crop`` to the crop; false: used as it is) (see OrderReconstructionConfig). Draws, per sample, the
     permutation then the patch mask. Returns (masked input [N, C, D, H, W], aux) with aux
     ``{"target": shuffled unmasked [N, C, D, H, W], "order": int64 [N, B] (= the permutations),
     "mask": bool [N, D, H, W] (True = masked, shuffled frame), "patch_size": (pd, ph, pw)}``.
@@ -98,7 +99,10 @@ def shuffle_and_mask(images: np.ndarray, rng: np.random.Generator, num_slabs: in
                          f"{tuple(images.shape)}. Use a 3d configuration (e.g. -c 3d_fullres).")
     shape = images.shape[2:]
     check_slabs(shape[0], num_slabs)
-    patch = scaled_patch_size(shape, cfg.mask_patch_size, cfg.reference_crop)
+    if getattr(cfg, "mask_patch_scaling", True):
+        patch = scaled_patch_size(shape, cfg.mask_patch_size, cfg.reference_crop)
+    else:
+        patch = tuple(int(p) for p in cfg.mask_patch_size)
     perms, grids = [], []
     for _ in range(images.shape[0]):
         perms.append(draw_slab_permutation(rng, num_slabs))

@@ -3,7 +3,7 @@
 Tokens live in channels-last grids ``[B, D, H, W, C]`` as in :mod:`blocks.swin`, whose windowing
 (shrink rule, padding mask, shifted-window mask, relative position bias) is reused unchanged:
 in cross-attention the queries come from the decoder grid and the keys/values from the
-same-stage encoder grid, both cut into the same (shifted) windows, so a decoder token attends
+same-stage encoder grid (its output e_i, or the stage's input: QT-UNet's ``cross_kv_source``), both cut into the same (shifted) windows, so a decoder token attends
 the encoder tokens of its own window only.
 """
 from typing import Optional, Sequence, Tuple
@@ -46,7 +46,8 @@ class QTDecoderBlock(nn.Module):
         x = LN(x + W-MSA(x));  x = LN(x + W-MCA(x, enc));  x = LN(x + MLP(x))
 
     with (shifted) windows for both attentions and keys/values of the cross-attention from the
-    same-stage encoder output ``enc``. x, enc: [B, D, H, W, C] -> [B, D, H, W, C].
+    same-stage encoder tokens ``enc`` (the stage's output or input, chosen by the caller: QT-UNet's
+    ``cross_kv_source``). x, enc: [B, D, H, W, C] -> [B, D, H, W, C].
     """
 
     def __init__(self, dim: int, heads: int, window: Sequence[int] = (7, 7, 7), shift: Sequence[int] = (0, 0, 0),

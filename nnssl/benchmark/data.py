@@ -1,11 +1,13 @@
-"""The data of ``nnssl_benchmark_ssl`` (:mod:`nnssl.benchmark_ssl`): split, own nnU-Net tree, pretraining sets.
+"""The data of ``nnssl_benchmark_ssl`` (:mod:`nnssl.benchmark.runs`): split, own nnU-Net tree, pretraining sets.
 
 ``prepare_data`` only reads and checks (a label budget larger than the pool is refused before
 anything is written); ``BenchmarkData.materialize`` then writes, each step skipped when done:
 
-- ``<out>/nnunet/{nnUNet_raw,nnUNet_preprocessed}``: the target (synthetic phantoms converted
-  as BTCV, or a symbolic link to the user's raw dataset folder, which is only read), planned
-  and preprocessed with the benchmark's preset for every architecture;
+- ``<out>/nnunet/{nnUNet_raw,nnUNet_preprocessed}``: the target, planned and preprocessed with the
+  benchmark's preset for every architecture. Its ``imagesTr``/``labelsTr`` hold symbolic links to
+  the **pool and validation cases only** of the source (synthetic phantoms converted as BTCV
+  under ``<out>/source``, or the user's raw dataset folder, which is only read), so nnU-Net's
+  fingerprint (intensity statistics of the normalization, spacing, patch size) never sees a test case;
 - the pretraining sets as unlabeled datasets: ``InTask`` (links to the pool cases' images)
   and ``Pool`` (synthetic unlabeled volumes, or a link to the user's ``--pool`` dataset),
   preprocessed with the target's plans (``-pd``);
@@ -94,29 +96,22 @@ class BenchmarkData:
         from nnssl.planning.api import plan_and_preprocess
 
         s = self.settings
+        if self.user_raw is None:
+            source_raw, pool_src = self._synthetic_source()
+        else:
+            source_raw, pool_src = self.user_raw, None
         tree = use_folder_tree(self.tree)
         raw = tree["nnUNet_raw"]
         existing = known_datasets(("raw",))
-        if self.user_raw is None:
-            from nnssl.dataset_conversion.btcv import convert_btcv
-            from nnssl.dataset_conversion.synthetic import write_synthetic_btcv
-            src = write_synthetic_btcv(os.path.join(self.out_dir, "synthetic"), cases=len(self.cases), test_cases=0,
-                                       unlabeled=s.unlabeled, seed=s.seeds[0], shape=tuple(s.shape))
-            if SYNTHETIC_TARGET not in existing:
-                convert_btcv(src["raw_data"], dataset_id=901, progress=False)
-            pool_src = src["unlabeled"]
-        else:
-            _link(self.user_raw, os.path.join(raw, os.path.basename(self.user_raw)))
-            pool_src = None
-            if self.user_pool is not None:
-                _link(self.user_pool, os.path.join(raw, POOL))
+        if self.user_pool is not None:
+            _link(self.user_pool, os.path.join(raw, POOL))
         self.target = SYNTHETIC_TARGET if self.user_raw is None else os.path.basename(self.user_raw)
-        target_raw = os.path.join(raw, self.target)
+        self._write_target(source_raw, os.path.join(raw, self.target))
         pretraining = []
         if "intask" in s.data:
             intask_src = os.path.join(self.out_dir, "data", "intask_images")
             for c in self.pool:
-                _link(os.path.join(target_raw, "imagesTr", f"{c}_0000{self.file_ending}"),
+                _link(os.path.join(source_raw, "imagesTr", f"{c}_0000{self.file_ending}"),
                       os.path.join(intask_src, f"{c}{self.file_ending}"))
             if INTASK not in existing:
                 convert_unlabeled(intask_src, dataset_id=902, name="InTask", progress=False)
@@ -126,9 +121,9 @@ class BenchmarkData:
                 convert_unlabeled(pool_src, dataset_id=903, name="Pool", progress=False)
             pretraining.append(POOL)
         for c in self.test:
-            _link(os.path.join(target_raw, "imagesTr", f"{c}_0000{self.file_ending}"),
+            _link(os.path.join(source_raw, "imagesTr", f"{c}_0000{self.file_ending}"),
                   os.path.join(self.test_images, f"{c}_0000{self.file_ending}"))
-            _link(os.path.join(target_raw, "labelsTr", f"{c}{self.file_ending}"),
+            _link(os.path.join(source_raw, "labelsTr", f"{c}{self.file_ending}"),
                   os.path.join(self.test_labels, f"{c}{self.file_ending}"))
         ready = os.path.join(self.out_dir, "data", "preprocessed.json")
         if not os.path.isfile(ready):
@@ -141,6 +136,43 @@ class BenchmarkData:
         # nnU-Net's augmentation runs in the main process: seeded, and the fastest on 2 cores (bench_iteration_profile)
         os.environ["nnUNet_n_proc_DA"] = "0"
         return self
+
+    def _synthetic_source(self) -> Tuple[str, str]:
+        """The phantoms converted as BTCV in their own tree ``<out>/source``; (raw dataset folder, unlabeled folder)."""
+        from nnssl.dataset_conversion.btcv import convert_btcv
+        from nnssl.dataset_conversion.synthetic import write_synthetic_btcv
+        from nnssl.demo import use_folder_tree
+
+        s = self.settings
+        src = write_synthetic_btcv(os.path.join(self.out_dir, "synthetic"), cases=len(self.cases), test_cases=0,
+                                   unlabeled=s.unlabeled, seed=s.seeds[0], shape=tuple(s.shape))
+        source_raw = os.path.join(use_folder_tree(os.path.join(self.out_dir, "source"))["nnUNet_raw"],
+                                  SYNTHETIC_TARGET)
+        if not os.path.isdir(source_raw):
+            convert_btcv(src["raw_data"], dataset_id=901, progress=False)
+        return source_raw, src["unlabeled"]
+
+    def _write_target(self, source_raw: str, target_raw: str) -> None:
+        """The target dataset: links to the pool and validation cases of ``source_raw``, its dataset.json
+        with their number (the test cases stay out of nnU-Net's fingerprint and preprocessing)."""
+        import json
+
+        if os.path.islink(target_raw):
+            raise NnsslError(f"{target_raw} links the whole dataset, test cases included (an output folder of an "
+                             f"older nnssl_benchmark_ssl). Pass another -o.")
+        kept = self.pool + self.val
+        for c in kept:
+            _link(os.path.join(source_raw, "imagesTr", f"{c}_0000{self.file_ending}"),
+                  os.path.join(target_raw, "imagesTr", f"{c}_0000{self.file_ending}"))
+            _link(os.path.join(source_raw, "labelsTr", f"{c}{self.file_ending}"),
+                  os.path.join(target_raw, "labelsTr", f"{c}{self.file_ending}"))
+        if not os.path.isfile(os.path.join(target_raw, "dataset.json")):
+            with open(os.path.join(source_raw, "dataset.json"), encoding="utf-8") as f:
+                dj = json.load(f)
+            dj["numTraining"] = len(kept)
+            dj["nnssl_benchmark"] = (f"pool and validation cases of {source_raw}; its {len(self.test)} test cases "
+                                     f"are left out (linked under data/test_images)")
+            write_json(dj, os.path.join(target_raw, "dataset.json"))
 
 
 def _link(src: str, dst: str) -> None:
@@ -161,6 +193,11 @@ def _user_cases(raw_folder: str) -> Tuple[List[str], str]:
                          f"pretraining set takes channel 0); this one has {len(dj['channel_names'])} channels.")
     labels = os.path.join(raw_folder, "labelsTr")
     cases = sorted(f[:-len(ending)] for f in os.listdir(labels) if f.endswith(ending))
+    missing = [c for c in cases if not os.path.isfile(os.path.join(raw_folder, "imagesTr", f"{c}_0000{ending}"))]
+    if missing:
+        raise NnsslError(f"{raw_folder}: labelsTr has cases without an image in imagesTr ({', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}); the benchmark needs imagesTr/CASE_0000{ending} "
+                         f"for every labeled case.")
     return cases, ending
 
 

@@ -3,9 +3,10 @@
 Summaries group the runs by (architecture, label budget n, start, budget mode); a pretrained
 group is paired seed by seed with the scratch runs of the same (architecture, n) (same training
 cases, same seeded augmentation and initialization of the non-transferred layers), see
-:func:`nnssl.benchmark_ssl.paired_stats`: once with the scratch runs of the same fine-tuning
+:func:`nnssl.benchmark.stats.paired_stats`: once with the scratch runs of the same fine-tuning
 length (budget "same") and, with ``--equal_budget``, once with the scratch runs as long as
-pretraining + fine-tuning (budget "equal").
+pretraining + fine-tuning (budget "equal"). The verdicts of one results.md are one family:
+Holm's correction runs over every comparison in it (:func:`nnssl.benchmark.stats.holm`).
 """
 import csv
 import io
@@ -14,6 +15,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from nnssl.benchmark.settings import SCRATCH
+from nnssl.benchmark.stats import ALPHA, MIN_SEEDS, holm, paired_stats, seeds_needed, verdict
 from nnssl.io import atomic_path
 
 CSV_FIELDS = ("architecture", "start", "budget", "n", "seed", "pretrain_iterations", "finetune_iterations",
@@ -21,9 +24,10 @@ CSV_FIELDS = ("architecture", "start", "budget", "n", "seed", "pretrain_iteratio
 
 
 def summarize(results: List[dict]) -> List[dict]:
-    """One row per (architecture, n, start, budget) with the paired statistics against scratch."""
-    from nnssl.benchmark_ssl import SCRATCH, paired_stats
+    """One row per (architecture, n, start, budget) with the paired statistics against scratch.
 
+    Pretrained rows get ``p_holm`` (Holm-adjusted over every comparison with at least
+    MIN_SEEDS pairs) and ``verdict`` from it; ``verdict_uncorrected`` is paired_stats' own."""
     scratch = {(r["architecture"], r["n"], r["seed"], r["budget"]): r for r in results if r["start"] == SCRATCH}
     budgets = sorted({r["budget"] for r in results if r["start"] == SCRATCH}, reverse=True)  # "same" first
     groups: Dict[tuple, List[dict]] = {}
@@ -45,8 +49,16 @@ def summarize(results: List[dict]) -> List[dict]:
                "dice_range": float(np.max(dice) - np.min(dice)), "to_threshold": [r["iterations_to_threshold"] for r in rs]}
         if start != SCRATCH and pairs:
             row.update(paired_stats([p["test_dice"] for p, _ in pairs], [q["test_dice"] for _, q in pairs]))
+            row["seeds_needed"] = seeds_needed(row["diff_mean"], row["diff_std"])
             row["scratch_iterations"] = pairs[0][1]["finetune_iterations"]
         rows.append(row)
+    family = [r for r in rows if "p" in r and r["k"] >= MIN_SEEDS]
+    for r, adjusted in zip(family, holm([r["p"] for r in family])):
+        r["p_holm"] = adjusted
+    for r in rows:
+        if "p" in r:
+            r["verdict_uncorrected"] = r["verdict"]
+            r["verdict"] = verdict(r["diff_mean"], r.get("p_holm", 1.0), r["k"])
     return rows
 
 
@@ -59,28 +71,51 @@ def threshold_cell(values: List[Optional[int]], total: int) -> str:
 
 
 def markdown(s, rows: List[dict]) -> str:
-    lines = [f"# nnssl_benchmark_ssl: does pretraining help?\n",
+    family = sum("p_holm" in r for r in rows)
+    pretraining = (f"one pretraining run per seed (--pretrain_per_seed, seed s for the runs of seed s): the spread "
+                   f"over seeds includes the pretraining's" if s.pretrain_per_seed else
+                   f"one pretraining run per (method, data), seed {s.seeds[0]}, shared by every seed: the verdicts "
+                   f"hold for that pretraining run (the spread over seeds is fine-tuning noise only; "
+                   f"--pretrain_per_seed pretrains once per seed)")
+    lines = ["# nnssl_benchmark_ssl: does pretraining help?\n",
              f"Dataset: {s.dataset or 'synthetic BTCV-like phantoms ' + 'x'.join(map(str, s.shape))}; "
              f"architectures {', '.join(s.architectures)} (preset {s.preset}); fine-tuning trainer {s.trainer}, "
-             f"{s.finetune_iterations} iterations ({s.iterations_per_epoch} per epoch); pretraining "
-             f"{s.pretrain_iterations} iterations (batch {s.pretrain_batch_size}), once per (method, data), seed "
-             f"{s.seeds[0]}; seeds {', '.join(map(str, s.seeds))}; {s.val_cases} validation and {s.test_cases} test "
-             f"cases. Test Dice = nnU-Net's foreground mean Dice over the test cases. mean ± std over seeds (ddof 1). "
-             f"Δ = paired difference pretrained − scratch (same seed = same training cases and augmentation). "
-             f"Verdict: |mean Δ| > 2 standard errors. 'to val ≥ {s.threshold}': fine-tuning iterations until the "
-             f"per-epoch validation pseudo Dice first reaches {s.threshold} (mean over the seeds that reached it). "
-             f"Budget 'equal': compared with scratch runs of pretraining + fine-tuning iterations (same total "
-             f"number of iterations, LWI Table VII).\n",
+             f"{s.finetune_iterations} iterations ({s.iterations_per_epoch} per epoch, {s.val_iterations} validation "
+             f"batches per epoch); pretraining {s.pretrain_iterations} iterations (batch {s.pretrain_batch_size}); "
+             f"seeds {', '.join(map(str, s.seeds))}.\n",
+             f"**What a verdict is conditional on**: {pretraining}; the {s.test_cases} test cases (test Dice = "
+             f"nnU-Net's foreground mean Dice over these {s.test_cases} cases, the same for every run: the "
+             f"statistics do not include the sampling of test cases); {s.val_cases} validation cases.\n",
+             f"**Statistics**: test Dice mean ± std over seeds (ddof 1). Δ = paired difference "
+             f"pretrained − scratch "
+             f"(same seed = same training cases, augmentation and initialization of the layers not transferred): "
+             f"mean and 95 % confidence interval (paired t test, t distribution with k − 1 degrees of freedom). "
+             f"Verdict 'helps'/'hurts' when the Holm-adjusted p is below {ALPHA} over all {family} comparisons "
+             f"of this file (Holm's correction: the chance of any false verdict in this table is at most "
+             f"{ALPHA * 100:g} %), else 'within noise'; fewer than {MIN_SEEDS} seeds: 'too few seeds', never a "
+             f"verdict. "
+             f"'seeds needed': seeds with which a paired t test (α = {ALPHA}, two-sided, not corrected for the "
+             f"other comparisons) finds a true difference of the observed mean Δ at the observed spread with 80 % "
+             f"probability ('—': mean Δ = 0, or more than 10000). 'to val ≥ {s.threshold}': fine-tuning "
+             f"iterations until the per-epoch validation pseudo Dice first reaches {s.threshold} (mean over the "
+             f"seeds that reached it). Budget 'equal': compared with scratch runs of pretraining + fine-tuning "
+             f"iterations (the same total number of iterations, LWI Table VII).\n",
              "| architecture | n labeled | start | budget (pretrain + fine-tune it.) | test Dice | Δ vs scratch "
-             "| verdict | scratch spread (max − min) | to val ≥ %g |" % s.threshold,
-             "|---|---|---|---|---|---|---|---|---|"]
+             "[95 % CI] | p (Holm) | verdict | seeds needed | range of scratch test Dice over seeds "
+             f"| to val ≥ {s.threshold:g} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = f"{r['budget']} ({r['pretrain_iterations']} + {r['finetune_iterations']}"
         budget += f" vs 0 + {r['scratch_iterations']})" if "scratch_iterations" in r else ")"
-        delta = f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}" if "diff_mean" in r else "—"
-        spread = f"{r['dice_range']:.3f}" if r["start"] == "scratch" else ""
+        delta = p_cell = needed = ""
+        if "diff_mean" in r:
+            lo, hi = r["ci95"]
+            delta = f"{r['diff_mean']:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else "")
+            p_cell = f"{r['p_holm']:.3f}" if "p_holm" in r else "—"
+            needed = "—" if r["seeds_needed"] is None else str(r["seeds_needed"])
+        spread = f"{r['dice_range']:.3f}" if r["start"] == SCRATCH else ""
         lines.append(f"| {r['architecture']} | {r['n']} | {r['start']} | {budget} | {r['dice_mean']:.3f} ± "
-                     f"{r['dice_std']:.3f} | {delta} | {r.get('verdict', '')} | {spread} | "
+                     f"{r['dice_std']:.3f} | {delta} | {p_cell} | {r.get('verdict', '')} | {needed} | {spread} | "
                      f"{threshold_cell(r['to_threshold'], r['finetune_iterations'])} |")
     return "\n".join(lines) + "\n"
 
@@ -105,8 +140,8 @@ def write_png(rows: List[dict], results: List[dict], path: str) -> None:
     from nnssl.evaluation.report_figure import report_style, write_figure
 
     # each set of runs once: the scratch runs of every length, the pretrained runs (listed per budget in rows)
-    starts = sorted({(r["start"], r["budget"]) for r in rows if r["start"] == "scratch" or r["budget"] == "same"},
-                    key=lambda x: (x[0] != "scratch", x))
+    starts = sorted({(r["start"], r["budget"]) for r in rows if r["start"] == SCRATCH or r["budget"] == "same"},
+                    key=lambda x: (x[0] != SCRATCH, x))
     ns = sorted({r["n"] for r in rows})
     tab10 = matplotlib.colormaps["tab10"]
     colors = {st: tab10(i % 10) for i, st in enumerate(starts)}

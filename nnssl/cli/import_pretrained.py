@@ -3,14 +3,14 @@ import argparse
 import json
 import sys
 
-from nnssl.cli._common import run_command
+from nnssl.cli._common import NnsslArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nnssl.checkpoints.foreign import FORMATS
 
-    p = argparse.ArgumentParser(
-        prog="nnssl_import_pretrained", allow_abbrev=False,
+    p = NnsslArgumentParser(
+        prog="nnssl_import_pretrained",
         description="Write a model archive (.zip) of a published pretrained model in another project's layout, "
                     "with a model card saying where it came from (file, sha256, format, citation). nnssl_train "
                     "-pretrained and nnssl_plan_and_preprocess --like take the foreign file directly too; the "
@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from nnssl.checkpoints.publish import import_pretrained
+    import os
 
+    from nnssl.checkpoints.publish import import_pretrained
+    from nnssl.io import check_writable
+
+    check_writable(os.path.dirname(os.path.abspath(args.o)), "The folder of the archive (-o)")
     card = import_pretrained(args.file, args.o, format=args.format, license=args.license)
     print(json.dumps(card, indent=2))
     print(f"Wrote {args.o}")

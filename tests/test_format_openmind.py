@@ -203,7 +203,8 @@ def test_export_for_nnunet_passes_nnunet_masters_reader(nnunet_env, tmp_path, ar
     with open(os.path.join(nnunet_env["nnUNet_preprocessed"], native["dataset"], "nnUNetPlans.json"), "w") as f:
         json.dump({"image_reader_writer": "SimpleITKIO", "configurations": {}}, f)
     out = str(tmp_path / "for_nnunet.pth")
-    export_pretrained(str(tmp_path / "checkpoint_final.pth"), out, format="nnunet")
+    result = export_pretrained(str(tmp_path / "checkpoint_final.pth"), out, format="nnunet")
+    assert "warning" not in result  # z-scored like nnU-Net's like_nnssl does
 
     ckp = torch.load(out, weights_only=True)
     plan = ckp["nnssl_adaptation_plan"]
@@ -231,6 +232,23 @@ def test_export_for_nnunet_passes_nnunet_masters_reader(nnunet_env, tmp_path, ar
     assert back["architecture"]["arch_kwargs"] == json.loads(json.dumps(native["architecture"]["arch_kwargs"]))
     for k, v in native["network_weights"].items():
         assert torch.equal(back["network_weights"][k], v), k
+
+
+def test_export_for_nnunet_warns_that_nnunet_z_scores_a_ct_model(nnunet_env, tmp_path):
+    import json
+    import os
+
+    from nnssl.checkpoints import export_pretrained
+
+    native = native_checkpoint("plainconvunet")
+    native["normalization"]["normalization_schemes"] = ["CTNormalization"]
+    torch.save(native, str(tmp_path / "ct.pth"))
+    os.makedirs(os.path.join(nnunet_env["nnUNet_preprocessed"], native["dataset"]))
+    with open(os.path.join(nnunet_env["nnUNet_preprocessed"], native["dataset"], "nnUNetPlans.json"), "w") as f:
+        json.dump({"configurations": {}}, f)
+    result = export_pretrained(str(tmp_path / "ct.pth"), str(tmp_path / "out.pth"), format="nnunet")
+    assert "normalizes every channel with ZScoreNormalization" in result["warning"]
+    assert "['CTNormalization']" in result["warning"]
 
 
 def test_export_for_nnunet_refuses_what_its_trainer_cannot_build(nnunet_env, tmp_path):

@@ -97,7 +97,13 @@ def export_pretrained(checkpoint: str, output: str, license: str = UNSPECIFIED_L
         shared = openmind.from_native(base, json.loads(plans))  # refuses what nnU-Net's trainer cannot build
         with atomic_path(output) as tmp:
             torch.save(shared, tmp)
-        return {"format": "nnunet", "nnssl_adaptation_plan": shared["nnssl_adaptation_plan"]}
+        result = {"format": "nnunet", "nnssl_adaptation_plan": shared["nnssl_adaptation_plan"]}
+        schemes = ckpt["normalization"]["normalization_schemes"]
+        if any(s != "ZScoreNormalization" for s in schemes):
+            result["warning"] = (f"nnU-Net master's nnUNetv2_preprocess_like_nnssl normalizes every channel with "
+                                 f"ZScoreNormalization; this model was pretrained with {schemes}, so fine-tuning "
+                                 f"there sees other intensities (nnssl's --like keeps the pretraining's).")
+        return result
     return write_archive(output, with_nnunet_plan(base, json.loads(plans)), plans,
                          model_card(ckpt, license, _volume_count(ckpt)))
 

@@ -150,7 +150,8 @@ def main(argv=None):
           "stores about half of the float32 activations, so '≤ 1.2x at fp32/2' means within the promise on a GPU.",
           "",
           "| architecture | planned patch x batch | measured patch (batch 1) | measured GB | of it gradients GB | "
-          "planner GB | (measured − gradients) ÷ planner | planner GB at plan | activations scaled to plan | verdict |",
+          "planner GB | (measured − gradients) ÷ planner | planner GB at plan | activations scaled to plan | "
+          "verdict |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -129,7 +129,8 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              f"Machine: {result['cpu']}, native bf16: {result['native_bf16']}, torch {result['torch']}, "
              f"{a['threads']} torch threads. Load average at start / end: {result['load_start']} / "
-             f"{result['load_end']}; the run took {result['wall_minutes']} min (2 cores shared with other sessions: absolute times are noisy, the "
+             f"{result['load_end']}; the run took {result['wall_minutes']} min (2 cores shared with other "
+             f"sessions: absolute times are noisy, the "
              f"speed-ups are ratios of interleaved steps).", "",
              f"Demo setup: tiny plainconvunet plans of the demo's synthetic BTCV, pretraining on its 10 unlabeled "
              f"phantoms, batch {BATCH}, {a['iterations']} iterations per run, curves = epoch means of "

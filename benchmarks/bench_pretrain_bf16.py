@@ -129,7 +129,8 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              f"Machine: {result['cpu']}, native bf16: {result['native_bf16']}, torch {result['torch']}, "
              f"{a['threads']} torch threads. Load average at start / end: {result['load_start']} / "
-             f"{result['load_end']}; the whole run took {result['wall_minutes']} min (2 cores shared with other sessions: absolute times are noisy, the "
+             f"{result['load_end']}; the run took {result['wall_minutes']} min (2 cores shared with other "
+             f"sessions: absolute times are noisy, the "
              f"speed-ups are ratios of interleaved steps).", "",
              f"Demo setup: tiny plainconvunet plans of the demo's synthetic BTCV, pretraining on its 10 unlabeled "
              f"phantoms, batch {BATCH}, {a['iterations']} iterations per run, curves = epoch means of "
@@ -194,18 +195,23 @@ def main(argv=None):
                           flush=True)
             result["methods"][m] = {"speed": sp, "curves": compare(runs, a.seeds, a.bf16_seeds, a.final_epochs),
                                     "runs": {f"{k[0]}_seed{k[1]}": v for k, v in runs.items()}}
+            write(result, start, a.out)  # after every method: a long run on a shared machine keeps what it has
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    print(write(result, start, a.out))
+
+
+def write(result: dict, start: float, out) -> str:
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
     md = markdown(result)
-    print(md)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "results.json"), "w", encoding="utf-8") as f:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
-        with open(os.path.join(a.out, "results.md"), "w", encoding="utf-8") as f:
+        with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
             f.write(md)
+    return md
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
    (``Pretrainer._step``: fp16 autocast + GradScaler on CUDA, losses in float32) on pre-made
    batches, iterations/s as the median over ``--steps`` after ``--warmup`` steps, and the peak
    GPU memory (``torch.cuda.max_memory_allocated`` over the timed steps) next to the planner's
-   estimate for the planned patch and batch (pretraining rows: scaled to the method's crop and batch) (nnU-Net's feature-map proxy in GB:
+   estimate for the planned patch and batch (pretraining rows: scaled to the method's crop and
+   batch; nnU-Net's feature-map proxy in GB:
    ``estimate / UNet_reference_val_3d * UNet_reference_val_corresp_GB * batch / UNet_reference_val_corresp_bs_3d``);
 4. per architecture its fine-tuning trainer's ``train_step`` (nnU-Net's AMP), with ``torch.compile``
    off and on (nnU-Net's ``nnUNet_compile`` switch, read in ``initialize``; ``--compile_architectures``),
@@ -118,14 +119,18 @@ def planner_estimate_gb(arch: str, plans: dict, n_labels: int) -> float:
 def load_plans(arch: str) -> dict:
     from nnssl.architectures.spec import ARCHITECTURES
 
-    path = os.path.join(os.environ["nnUNet_preprocessed"], "Dataset001_BTCV", ARCHITECTURES.get(arch).plans_name + ".json")
+    path = os.path.join(os.environ["nnUNet_preprocessed"], "Dataset001_BTCV",
+                        ARCHITECTURES.get(arch).plans_name + ".json")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def overrides(method: str, patch: Sequence[int]) -> List[str]:
+def overrides(method: str, patch: Sequence[int], smoke: bool) -> List[str]:
     """hybrid_mim tiles its crop with 32-voxel sub-volumes (or one smaller, even one): the largest such
-    crop inside the planned patch."""
+    crop inside the planned patch. Smoke: masked_kmeans with 4 small clusterers (the k-means fit of the
+    paper's 80 is the slowest part of a CPU smoke run; it is not on the GPU)."""
+    if method == "masked_kmeans" and smoke:
+        return ["n_clusterers=4", "k_min=2", "k_max=4"]
     if method != "hybrid_mim":
         return []
     crop = [p - p % 2 if p < 32 else p - p % 32 for p in patch]
@@ -139,7 +144,8 @@ def pretrain_row(arch: str, method: str, device, sizes: Sizes, root: str, patch:
     from nnssl.training.pretrainer import Pretrainer
 
     with quiet():
-        setup = prepare_method(prepare("BTCV", method, arch, overrides=overrides(method, patch)), seed=0)
+        setup = prepare_method(prepare("BTCV", method, arch, overrides=overrides(method, patch, device.type == "cpu")),
+                               seed=0)
         engine = Pretrainer(setup, os.path.join(root, f"pre_{arch}_{method}"), 10 ** 6, 10 ** 6, device, 0, 0, False)
     engine.model.train()
     loader = PretrainLoader(setup.data_folder, setup.batch_size, setup.crop_size, setup.method_cls, setup.cfg, 0)
@@ -272,7 +278,8 @@ def main(argv=None) -> int:
         if not a.no_chain:
             lines.append(guarded(lambda: chain(device, test_images, root), "chain"))
         anchor = finetune_row(None, device, sizes, False, trainer="nnUNetTrainer", plans="nnUNetPlans")
-        rows = ["| architecture | step | patch | batch | it/s | ÷ nnU-Net step | peak GB | planner GB | peak ÷ planner |",
+        rows = ["| architecture | step | patch | batch | it/s | ÷ nnU-Net step | peak GB | planner GB | "
+                "peak ÷ planner |",
                 "|---|---|---|---|---|---|---|---|---|"]
 
         def row(arch, what, patch, batch, r, est):

@@ -18,7 +18,7 @@ from nnssl.errors import NnsslError
 def exported(nnunet_env, tmp_path):
     from nnssl.checkpoints import export_pretrained
 
-    ckpt = native_checkpoint()
+    ckpt = {**native_checkpoint(), "pretraining_cases_count": 7}
     path = str(tmp_path / "checkpoint_final.pth")
     torch.save(ckpt, path)
     plans_dir = os.path.join(nnunet_env["nnUNet_preprocessed"], ckpt["dataset"])
@@ -62,6 +62,7 @@ def test_card_lists_every_members_sha256_versions_license_and_citation(exported)
     assert card["license"] == "CC-BY-4.0"
     assert card["citation"].startswith("Guotai Wang") and "MIS-FM" in card["citation"]
     assert json.loads(members["plans.json"]) == {"plans_name": "nnUNetPlans", "configurations": {}}
+    assert card["num_volumes"] == 7 and json.loads(members["checkpoint_final.json"])["pretraining_cases_count"] == 7
     loaded = load_pretraining_checkpoint(exported["archive"])
     for k, v in exported["ckpt"]["network_weights"].items():
         assert torch.equal(v, loaded["network_weights"][k]), k

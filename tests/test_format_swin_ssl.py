@@ -1,21 +1,17 @@
 """Swin-UNETR self-supervised weights (nnssl/checkpoints/formats/swin_ssl.py): a model_swinvit.pt
 built from MONAI's SwinUNETR in the released layout (Swin ViT keys under module./swinViT., MLP as
 fc1/fc2), read into swinunetr with MONAI <= 1.4's merge order, planned --like and fine-tuned."""
-import os
-
 import pytest
 import torch
 
+from conftest import require_optional
 from foreign_finetune import finetune_like
 from nnssl.errors import NnsslError
 from test_swinunetr import _as_monai_1_4
 
 
 def monai_reference(seed=0):
-    if os.environ.get("CI") == "true":  # the test extra must be installed there: fail, do not skip
-        import monai.networks.nets as monai_nets
-    else:
-        monai_nets = pytest.importorskip("monai.networks.nets")
+    monai_nets = require_optional("monai.networks.nets", min_version="1.5")  # fails under CI=true
     torch.manual_seed(seed)
     return monai_nets.SwinUNETR(in_channels=1, out_channels=2, depths=(2, 2, 2, 2), feature_size=12,
                                 window_size=3).eval()

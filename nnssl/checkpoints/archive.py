@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from nnssl.checkpoints.contract import METADATA_KEYS, to_plain
+from nnssl.checkpoints.contract import METADATA_KEYS, OPTIONAL_METADATA_KEYS, to_plain
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path
 
@@ -115,8 +115,9 @@ def write_archive(output: str, ckpt: dict, plans: str, card: dict) -> dict:
         raise NnsslError(f"-o {output}: the model archive must end in .zip (e.g. -o model.zip).")
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
+    metadata_keys = METADATA_KEYS + tuple(k for k in OPTIONAL_METADATA_KEYS if k in ckpt)
     files = {CHECKPOINT_NAME: buffer.getvalue(),
-             METADATA_NAME: json.dumps(to_plain({k: ckpt[k] for k in METADATA_KEYS}), indent=2).encode("utf-8"),
+             METADATA_NAME: json.dumps(to_plain({k: ckpt[k] for k in metadata_keys}), indent=2).encode("utf-8"),
              PLANS_NAME: plans.encode("utf-8")}
     card = {"format": ARCHIVE_FORMAT, **card, "sha256": sha256_bytes(files[CHECKPOINT_NAME]),
             "members": {name: sha256_bytes(data) for name, data in files.items()},

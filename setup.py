@@ -66,6 +66,7 @@ setup(
         "nnunetv2>=2.8.1,<2.9",
         "batchgenerators>=0.25.1",
         "acvl-utils>=0.2.6,<0.3",
+        "dynamic-network-architectures>=0.4.1",  # built directly for OpenMind checkpoints
         "SimpleITK>=2.2.1",
         "nibabel",
         "numpy>=1.24",

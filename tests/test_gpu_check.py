@@ -14,9 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_check_smoke(tmp_path):
     env = stock_nnunet_env(tmp_path)  # stock nnUNetv2_predict in the chain (stand-in torchvision only if needed)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONIOENCODING"] = "utf-8"  # the table has "×"; a C/POSIX locale would make stdout ASCII
     out = tmp_path / "table.md"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke", "--out",
-                        str(out)], env=env, capture_output=True, text=True, timeout=900)
+                        str(out)], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = out.read_text(encoding="utf-8")
     assert "FAILED" not in table, table

@@ -176,8 +176,9 @@ TRANSFERS = ("encoder", "encoder+decoder")  # what a config's / checkpoint's `tr
 
 # Valid ranges of numeric config fields (ints, floats and tuples of them), by field name: every
 # value must be finite; intensities may be negative, shares and probabilities lie in [0, 1],
-# rates, lengths and sizes are positive, all other numbers (weights, counts, ...) non-negative.
-SIGNED_FIELDS = frozenset({"mask_value", "noise_low", "noise_high"})
+# rates, lengths and sizes are positive, all other numbers (weights, counts, ...) non-negative;
+# encoder level indices count from the bottleneck when negative (Python's convention).
+SIGNED_FIELDS = frozenset({"mask_value", "noise_low", "noise_high", "slab_level"})
 POSITIVE_FIELDS = frozenset({"lr", "iterations", "batch_size", "temperature", "lr_gamma", "grad_clip", "K"})
 _UNIT_SUFFIXES = ("_prob", "_ratio", "_fraction", "dropout")
 

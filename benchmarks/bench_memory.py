@@ -55,7 +55,8 @@ def plan(arch: str) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         planner = ARCHITECTURES.get(arch).planner_class().without_dataset(1, N_LABELS)
         p = planner.get_plans_for_configuration(SPACING, MEDIAN_SHAPE, "nnUNetPlans_3d_fullres", N_VOXELS_DATASET, {})
-    return {"patch": [int(x) for x in p["patch_size"]], "batch": int(p["batch_size"])}, planner
+    return {"patch": [int(x) for x in p["patch_size"]], "batch": int(p["batch_size"]),
+            "block": p["architecture"]}, planner
 
 
 def estimate_gb(planner, patch, batch: int, block: dict) -> float:
@@ -96,7 +97,7 @@ def child(arch: str, fraction: float) -> dict:
     sum(o.float().mean() for o in outs).backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    plan_block = planner.network_for_patch(tuple(planned["patch"]), SPACING)
+    plan_block = planned["block"]  # what the planner wrote (network_for_patch refuses some planned patches)
     return {"architecture": arch, "planned_patch": planned["patch"], "planned_batch": planned["batch"],
             "measured_patch": [int(s) for s in small], "measured_gb": (peak - before) / 2 ** 30,
             "grad_gb": sum(p.numel() for p in net.parameters() if p.requires_grad) * 4 / 2 ** 30,

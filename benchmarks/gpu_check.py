@@ -21,8 +21,9 @@
    ratio column is the step time ÷ nnU-Net's step time, measured in the same run.
 
 ``--smoke`` runs the same code on the CPU at tiny sizes (``--preset tiny`` plans, tiny phantoms,
-plainconvunet only by default) in about a minute; ``tests/test_gpu_check.py`` runs it. On the CPU
-nnU-Net ignores ``nnUNet_compile`` and there is no GPU memory: those cells say so.
+plainconvunet only by default); ``tests/test_gpu_check.py`` runs it (7-14 min on 2 cores at load
+average 10-16; not yet timed on an idle machine). On the CPU nnU-Net ignores ``nnUNet_compile`` and
+there is no GPU memory: those cells say so.
 """
 import argparse
 import contextlib

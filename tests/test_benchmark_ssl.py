@@ -344,3 +344,13 @@ def test_benchmark_modules_import_in_one_direction():
         for m in ready:
             del graph[m]
     assert done.index("runs") > max(done.index("data"), done.index("report"))
+
+
+def test_one_seed_names_no_seed_count():
+    """One paired difference has no spread: 'seeds needed' is unknown, not the minimum of 3."""
+    rows = summarize([_result("scratch", 0, 0.06), _result("volume_fusion/intask", 0, 0.27)])
+    row = next(r for r in rows if r["start"] != "scratch")
+    assert (row["k"], row["verdict"], row["seeds_needed"]) == (1, "too few seeds", None)
+    two = summarize([_result("scratch", 0, 0.06), _result("volume_fusion/intask", 0, 0.27),
+                     _result("scratch", 1, 0.10), _result("volume_fusion/intask", 1, 0.21)])
+    assert next(r for r in two if r["start"] != "scratch")["seeds_needed"] is not None

@@ -49,7 +49,8 @@ def summarize(results: List[dict]) -> List[dict]:
                "dice_range": float(np.max(dice) - np.min(dice)), "to_threshold": [r["iterations_to_threshold"] for r in rs]}
         if start != SCRATCH and pairs:
             row.update(paired_stats([p["test_dice"] for p, _ in pairs], [q["test_dice"] for _, q in pairs]))
-            row["seeds_needed"] = seeds_needed(row["diff_mean"], row["diff_std"])
+            # one paired difference has no spread yet: no number of seeds can be derived from it
+            row["seeds_needed"] = seeds_needed(row["diff_mean"], row["diff_std"]) if row["k"] >= 2 else None
             row["scratch_iterations"] = pairs[0][1]["finetune_iterations"]
         rows.append(row)
     family = [r for r in rows if "p" in r and r["k"] >= MIN_SEEDS]

@@ -119,24 +119,11 @@ def prepare_data(s: DemoSettings, root: str) -> Tuple[Dict[str, str], str]:
     return tree, labels_ts
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators. nnU-Net's trainer draws from them (network
-    initialization, the loader's cases and crops, augmentation), so this is the only way to pair runs."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def finetune(s: DemoSettings, run_root: str, pretrained, dataset: str = "BTCV") -> str:
     """Fine-tune fold 'all' of ``dataset`` (resuming an interrupted run) in ``run_root``'s own results tree,
     every generator seeded with ``s.seed`` first and the loader in this process (module docstring);
     returns the fold folder."""
-    from nnssl.training.finetune import train
+    from nnssl.training.finetune import seed_everything, train
 
     os.environ["nnUNet_results"] = os.path.join(run_root, "nnUNet_results")
     fold_dir = _fold_dir(run_root)

@@ -36,13 +36,10 @@ command line), ``results.csv`` (one row per run), ``results.md`` and ``results.p
 """
 import dataclasses
 import os
-import random
 import shlex
 import time
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
 
 from nnssl.benchmark.data import prepare_data
 from nnssl.benchmark.report import write_reports
@@ -50,13 +47,7 @@ from nnssl.benchmark.settings import CONFIG, SCRATCH, BenchmarkSettings, Run, ch
     planned_runs, validate
 from nnssl.benchmark.stats import iterations_to_threshold
 from nnssl.io import atomic_path, write_json
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global RNGs nnU-Net's training draws from (augmentation, sampling, initialization)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+from nnssl.training.finetune import seed_everything
 
 
 def organ_dice(summary: dict, dataset_json: dict) -> Dict[str, float]:

@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,12 +61,12 @@ def to_plain(obj):
     return obj
 
 
-def strip_prefixes(key: str) -> str:
-    """'module._orig_mod.encoder.x' -> 'encoder.x' (DDP and torch.compile wrappers)."""
+def strip_prefixes(key: str, prefixes: Tuple[str, ...] = _PREFIXES) -> str:
+    """'module._orig_mod.encoder.x' -> 'encoder.x' (by default the DDP and torch.compile wrappers)."""
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in prefixes:
             if key.startswith(p):
                 key, changed = key[len(p):], True
     return key

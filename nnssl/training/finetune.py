@@ -315,3 +315,16 @@ def train(dataset, configuration: str = "3d_fullres", fold: Union[int, str] = 0,
         tr.perform_actual_validation(npz)
     return {"output_folder": tr.output_folder, "trainer": type(tr).__name__, "plans": run.plans_name,
             "dataset": run.dataset, "injection": report.to_dict() if report is not None else None}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators. nnU-Net's trainer draws from them (network
+    initialization, the loader's cases and crops, augmentation), so seeding them alike before two
+    fine-tuning runs is the only way to pair them (the demo, ``nnssl_benchmark_ssl``)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)

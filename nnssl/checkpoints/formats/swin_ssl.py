@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from nnssl.checkpoints.contract import CHECKPOINT_VERSION, to_plain
+from nnssl.checkpoints.contract import CHECKPOINT_VERSION, strip_prefixes, to_plain
 from nnssl.checkpoints.foreign import UNKNOWN, ForeignFormat, register_format
 from nnssl.errors import NnsslError
 
@@ -44,12 +44,7 @@ CT_PROPERTIES = {"mean": -1000.0, "median": 0.0, "std": 2000.0, "min": -1000.0, 
 
 def _swin_key(key: str) -> str:
     """'module.swinViT.layers1.0.blocks.0.mlp.fc1.weight' -> 'layers1.0.blocks.0.mlp.linear1.weight'."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
+    key = strip_prefixes(key, _PREFIXES)
     for src, dst in _MLP.items():
         key = key.replace(src, dst)
     return key
